@@ -1,0 +1,7 @@
+"""`python-executor` command line."""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    raise SystemExit("not yet")
