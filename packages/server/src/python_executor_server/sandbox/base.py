@@ -104,6 +104,13 @@ class SandboxBackend(Protocol):
     def describe(self) -> dict[str, Any]:
         """What enforcement is active, for ``/health`` (cgroup version, seccomp, ...)."""
 
+    async def create_workspace(self, execution_id: str, disk_mb: int) -> Path:
+        """An empty host directory for the project of one run, owned by the sandbox
+        user, whose size the backend caps at ``disk_mb`` where it can (tmpfs)."""
+
+    async def remove_workspace(self, path: Path) -> None:
+        """Undo ``create_workspace`` (unmount, delete). Idempotent."""
+
     async def run(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
         """Run ``spec`` to its end, its timeout, or the caller's cancellation."""
 
