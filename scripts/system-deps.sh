@@ -5,6 +5,10 @@ need=()
 command -v bwrap >/dev/null || need+=(bubblewrap)
 command -v slirp4netns >/dev/null || need+=(slirp4netns)
 command -v ip >/dev/null || need+=(iproute2)
+# the firewall of sandboxes with network on (loaded into their namespace with nsenter)
+command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
+# pyseccomp loads libseccomp.so.2 at runtime
+ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing system packages: ${need[*]} (install them as root: apt-get install ${need[*]})" >&2

@@ -13,13 +13,16 @@ Usage::
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-from enum import Enum
+from datetime import UTC, datetime
+from enum import Enum, StrEnum
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 __all__ = [
+    "METADATA_FIELD",
+    "TAR_FIELD",
+    "ErrorResponse",
     "EvalFile",
     "EvalRequest",
     "ExecutionConfig",
@@ -27,6 +30,9 @@ __all__ = [
     "ExecutionResult",
     "ExecutionStatus",
     "ExecutionUsage",
+    "KillResponse",
+    "LogChunk",
+    "LogEventType",
     "Metadata",
     "SubmitResponse",
     "format_timestamp",
@@ -50,13 +56,13 @@ class ExecutionStatus(str, Enum):
 def format_timestamp(value: datetime) -> str:
     """ISO 8601 UTC with a trailing ``Z`` and microseconds, as the contract wants."""
     if value.tzinfo is not None:
-        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(UTC).replace(tzinfo=None)
     return value.isoformat(timespec="microseconds") + "Z"
 
 
 def _parse_timestamp(value: Any) -> Any:
     if isinstance(value, str) and value.endswith("Z"):
-        return datetime.fromisoformat(value[:-1]).replace(tzinfo=timezone.utc)
+        return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
     return value
 
 
@@ -76,6 +82,10 @@ class ExecutionConfig(BaseModel):
     disk_mb: int | None = Field(None, description="How much the run may write (/work + /tmp).")
     cpu_shares: int | None = Field(None, description="Relative CPU weight.")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent on the wire (the original client's spelling)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
 
 class Metadata(BaseModel):
     """The ``metadata`` part of ``exec/sync`` and ``exec/async`` requests."""
@@ -94,6 +104,10 @@ class Metadata(BaseModel):
     script_args: list[str] | None = None
     eval_last_expr: bool = False
     config: ExecutionConfig | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object sent on the wire (the original client's spelling)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class EvalFile(BaseModel):
@@ -150,6 +164,11 @@ class ExecutionResult(BaseModel):
     def _zulu(cls, value: Any) -> Any:
         return _parse_timestamp(value)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ExecutionResult:
+        """Parse a decoded JSON response (the original client's spelling)."""
+        return cls.model_validate(data)
+
 
 class SubmitResponse(BaseModel):
     execution_id: str
@@ -158,3 +177,34 @@ class SubmitResponse(BaseModel):
 class ExecutionList(BaseModel):
     executions: list[ExecutionResult]
     next_cursor: str | None = None
+
+
+# Names of the two multipart fields of ``exec/sync`` and ``exec/async``.
+TAR_FIELD = "tar"
+METADATA_FIELD = "metadata"
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error response."""
+
+    error: str
+
+
+class KillResponse(BaseModel):
+    """Body of ``DELETE /executions/{id}``: ``killed``, or the status it already had."""
+
+    status: str
+
+
+class LogEventType(StrEnum):
+    """Event names of the ``GET /executions/{id}/logs`` Server-Sent Events stream."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    EXIT = "exit"
+
+
+class LogChunk(BaseModel):
+    """Data of a ``stdout`` / ``stderr`` event; an ``exit`` event carries an ExecutionResult."""
+
+    data: str

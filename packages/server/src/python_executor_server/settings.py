@@ -50,6 +50,7 @@ class Settings(BaseSettings):
     # --- queue and workers --------------------------------------------------
     queue: Literal["local", "redis"] = "local"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_namespace: str = Field("pyexec", description="Prefix of every Redis key we use.")
     max_concurrent: int = Field(default_factory=_default_workers)
     max_queue: int = Field(100, description="Executions waiting beyond the running ones.")
     retry_after_seconds: int = 1
@@ -102,6 +103,25 @@ class Settings(BaseSettings):
     wheels_only: bool = False
     install_timeout: int = 600
     envs_max_mb: int = 10240
+    envs_dir: Path | None = Field(
+        None,
+        description="Where requirement environments live (default <data_dir>/envs); they are "
+        "mounted into sandboxes at the same path, so the sandbox must be able to reach it.",
+    )
+    uv_cache_dir: Path | None = Field(
+        None, description="Shared uv cache (default <data_dir>/uv-cache)."
+    )
+    install_isolation: Literal["sandbox", "host"] = Field(
+        "sandbox",
+        description="Run the installer in the sandbox backend (network on, nothing else of the "
+        "host writable) or as a plain host process (trusted setups; pair with wheels_only).",
+    )
+    install_memory_mb: int = 2048
+    respect_pip_config: bool = Field(
+        True,
+        description="With neither index_url nor extra_index_url set, translate the host's pip.conf "
+        "files (index-url, extra-index-url, find-links, no-index, cert, constraint) for uv.",
+    )
 
     # --- docker backend -----------------------------------------------------
     docker_socket: str = "unix:///var/run/docker.sock"
@@ -109,6 +129,22 @@ class Settings(BaseSettings):
     docker_images: dict[str, str] = Field(default_factory=dict)
     docker_allowed_images: list[str] = Field(default_factory=list)
     docker_network: str = "bridge"
+    docker_pool_size: int = Field(
+        2, description="Warm containers kept per (image, network, limits); 0 turns the pool off."
+    )
+    docker_instance: str = Field(
+        "default",
+        description="Label of this server's containers; orphans with it are removed at start-up. "
+        "Give each server sharing one Docker daemon its own.",
+    )
+
+    @property
+    def envs_path(self) -> Path:
+        return self.envs_dir if self.envs_dir is not None else self.data_dir / "envs"
+
+    @property
+    def uv_cache_path(self) -> Path:
+        return self.uv_cache_dir if self.uv_cache_dir is not None else self.data_dir / "uv-cache"
 
     @property
     def runs_path(self) -> Path:

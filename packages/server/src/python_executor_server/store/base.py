@@ -15,17 +15,31 @@ Usage::
 
 from __future__ import annotations
 
+import builtins
 import uuid
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from python_executor_client.models import ExecutionResult, ExecutionStatus, ExecutionUsage
 
+from ..errors import ExecutorError
+
+UNFINISHED = frozenset({ExecutionStatus.PENDING, ExecutionStatus.RUNNING})
+FINISHED = frozenset(s for s in ExecutionStatus if s.finished)
+
+
+class DuplicateExecution(ExecutorError):
+    """``create`` was given an id that is already stored (a bug: ids are uuid4)."""
+
+
+class StoreUnavailable(ExecutorError):
+    """The configured store cannot be used: unknown, not installed, unreachable."""
+
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_execution_id() -> str:
@@ -97,7 +111,7 @@ class StateStore(Protocol):
     async def close(self) -> None: ...
 
     async def create(self, record: ExecutionRecord) -> None:
-        """Insert a new record; its id must not exist yet."""
+        """Insert a new record; an id that exists raises ``DuplicateExecution``."""
 
     async def get(self, execution_id: str) -> ExecutionRecord | None: ...
 
@@ -108,13 +122,18 @@ class StateStore(Protocol):
 
     async def list(
         self, status: ExecutionStatus | None, limit: int, cursor: str | None
-    ) -> tuple[list[ExecutionRecord], str | None]:
-        """Newest first (by created_at, then id). Returns the page and the next cursor."""
+    ) -> tuple[builtins.list[ExecutionRecord], str | None]:
+        """Newest first (by created_at, then id). Returns the page and the next cursor.
 
-    async def fail_unfinished(self, error: str) -> list[str]:
+        The cursor is opaque and positional: the next page starts right after the
+        last record returned, whatever was inserted or deleted meanwhile. It is
+        None after the last page; a malformed cursor raises ``BadRequest``.
+        """
+
+    async def fail_unfinished(self, error: str) -> builtins.list[str]:
         """Mark every pending/running record failed with ``error`` (start-up recovery)."""
 
-    async def delete_finished_before(self, cutoff: datetime) -> list[str]:
+    async def delete_finished_before(self, cutoff: datetime) -> builtins.list[str]:
         """Delete finished records whose finished_at is before ``cutoff``; return their ids."""
 
     async def count(self, status: ExecutionStatus) -> int: ...

@@ -1,0 +1,133 @@
+"""create_app(settings): routers, error mapping, offline docs, lifespan.
+
+Usage::
+
+    app = create_app(Settings())
+    uvicorn.run(app, host=settings.host, port=settings.port)
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import swagger_ui_bundle
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api import executions, system
+from .api.deps import Services
+from .api.limits import BodySizeLimit
+from .errors import ExecutorError, QueueFull
+from .execution.interpreters import default_version, discover_interpreters
+from .execution.jobs import JobBuilder
+from .execution.metrics import Metrics
+from .execution.runner import Runner
+from .execution.service import ExecutionService
+from .logs import get_logger
+from .queue import create_queue
+from .sandbox import create_backend
+from .settings import Settings
+from .store import create_store
+
+log = get_logger("python_executor.app")
+
+DESCRIPTION = """Run untrusted Python in a kernel-level sandbox.
+
+Send a project as an uncompressed tar (`/api/v1/exec/sync`, `/api/v1/exec/async`)
+or code as JSON (`/api/v1/eval`); get stdout, stderr, the exit code, the value of
+the last expression and a clear reason when something went wrong. Every error is
+`{"error": "<one sentence>"}`.
+"""
+
+
+def create_app(settings: Settings) -> FastAPI:
+    app = FastAPI(
+        title="python-executor",
+        version=__version__,
+        description=DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=_lifespan(settings),
+    )
+    app.include_router(executions.router)
+    app.include_router(system.router)
+    app.mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger-static")
+    app.add_middleware(
+        BodySizeLimit, path="/api/v1/eval", max_bytes=8 * settings.max_eval_code_bytes + 65536
+    )
+    _add_error_handlers(app)
+    return app
+
+
+def _swagger_dir() -> Path:
+    return Path(swagger_ui_bundle.swagger_ui_path)
+
+
+def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        interpreters = discover_interpreters(settings)
+        backend = create_backend(settings, interpreters)
+        await backend.start()
+        metrics = Metrics()
+        runner = Runner(settings, backend, interpreters, _environments(settings, backend))
+        service = ExecutionService(
+            settings, create_store(settings), create_queue(settings), runner, metrics
+        )
+        await service.start()
+        health = {
+            "backend": backend.name,
+            "store": settings.store,
+            "python_versions": list(interpreters),
+            "default_python": default_version(settings, interpreters) if interpreters else None,
+        }
+        app.state.services = Services(
+            settings, service, JobBuilder(settings, interpreters), backend, metrics, health
+        )
+        log.info("server ready", backend=backend.name, store=settings.store, pythons=list(interpreters))
+        try:
+            yield
+        finally:
+            await service.close()
+            await backend.close()
+
+    return lifespan
+
+
+def _environments(settings: Settings, backend: object) -> None:
+    return None
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ExecutorError)
+    async def executor_error(request: Request, exc: ExecutorError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        if exc.status_code >= 500 and not isinstance(exc, QueueFull):
+            log.error("request failed", path=request.url.path, error=exc.message)
+        return JSONResponse({"error": exc.message}, exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        message = f"invalid request: {where}: {err.get('msg', 'invalid value')}"
+        return JSONResponse({"error": message}, 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no such endpoint: {request.method} {request.url.path}"
+        return JSONResponse({"error": message}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", path=request.url.path)
+        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)

@@ -1,0 +1,192 @@
+"""The steps of one run: workspace → files → requirements → sandbox → report.
+
+The runner knows nothing of statuses or stores; it turns a ``Job`` into a
+``RunReport`` and always removes what it created.
+
+Usage::
+
+    report = await runner.run("exe_...", job, capture)
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+from python_executor_client.models import ExecutionStatus
+
+from ..errors import InstallError
+from ..sandbox.base import (
+    SANDBOX_WORKDIR,
+    Interpreter,
+    Limits,
+    Mount,
+    OutputSink,
+    RunOutcome,
+    RunSpec,
+    SandboxBackend,
+)
+from ..settings import Settings
+from . import driver
+from .jobs import Job
+
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": SANDBOX_WORKDIR,
+    "LANG": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+@dataclass(frozen=True)
+class RunReport:
+    status: ExecutionStatus
+    exit_code: int | None = None
+    error: str | None = None
+    error_type: str | None = None
+    error_line: int | None = None
+    result: str | None = None
+    cpu_ms: int | None = None
+    peak_memory_mb: float | None = None
+
+
+class Environments(Protocol):
+    async def prepare(self, job: Job, interpreter: Interpreter) -> tuple[Mount, ...]:
+        """Mounts (with sys.path entries as their targets) for the job's requirements."""
+
+
+class Runner:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: SandboxBackend,
+        interpreters: Mapping[str, Interpreter],
+        environments: Environments | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.interpreters = interpreters
+        self.environments = environments
+
+    async def run(self, execution_id: str, job: Job, sink: OutputSink) -> RunReport:
+        interpreter = self._interpreter(job.python_version)
+        try:
+            mounts = await self._requirements(job, interpreter)
+        except InstallError as exc:
+            return RunReport(ExecutionStatus.FAILED, error=exc.message)
+        workspace = await self.backend.create_workspace(execution_id, job.limits.disk_mb)
+        try:
+            await anyio.to_thread.run_sync(populate_workspace, workspace, job)
+            spec = self._spec(execution_id, job, interpreter, workspace, mounts)
+            outcome = await self.backend.run(spec, sink)
+            stderr = getattr(sink, "text", None)
+            return interpret_outcome(outcome, job, stderr("stderr") if stderr else "")
+        finally:
+            if not self.settings.keep_workdirs:
+                with anyio.CancelScope(shield=True):
+                    await self.backend.remove_workspace(workspace)
+
+    def _interpreter(self, version: str) -> Interpreter:
+        found = self.interpreters.get(version)
+        if found is not None:
+            return found
+        # Docker images carry their own interpreter; the backend maps the path.
+        return Interpreter(
+            version=version, executable=Path("/usr/bin/python3"), prefix=Path("/usr")
+        )
+
+    async def _requirements(self, job: Job, interpreter: Interpreter) -> tuple[Mount, ...]:
+        if self.environments is None:
+            return ()
+        return await self.environments.prepare(job, interpreter)
+
+    def _spec(
+        self,
+        execution_id: str,
+        job: Job,
+        interpreter: Interpreter,
+        workspace: Path,
+        mounts: tuple[Mount, ...],
+    ) -> RunSpec:
+        argv = driver.driver_argv(
+            str(interpreter.executable),
+            entrypoint=f"{SANDBOX_WORKDIR}/{job.entrypoint}",
+            args=job.args,
+            eval_last_expr=job.eval_last_expr,
+            pre_commands=job.pre_commands,
+            result_fd=driver.RESULT_FD,
+            extra_paths=[m.target for m in mounts],
+        )
+        env = {**BASE_ENV, "PATH": f"{interpreter.prefix}/bin:{BASE_ENV['PATH']}", **dict(job.env)}
+        return RunSpec(
+            execution_id=execution_id,
+            workdir=workspace,
+            interpreter=interpreter,
+            argv=argv,
+            env=env,
+            limits=self._limits(job),
+            stdin=job.stdin.encode() if job.stdin is not None else None,
+            mounts=mounts,
+            result_fd=driver.RESULT_FD,
+            image=job.image,
+        )
+
+    def _limits(self, job: Job) -> Limits:
+        return Limits(
+            timeout_seconds=job.limits.timeout_seconds,
+            memory_mb=job.limits.memory_mb,
+            disk_mb=job.limits.disk_mb,
+            cpu_shares=job.limits.cpu_shares,
+            pids=self.settings.default_pids,
+            network=job.limits.network,
+            output_cap_bytes=self.settings.output_cap_bytes,
+        )
+
+
+def populate_workspace(workspace: Path, job: Job) -> None:
+    """Put the project into the (empty) workspace. Blocking: run in a thread."""
+    if job.project_dir is not None:
+        shutil.copytree(job.project_dir, workspace, symlinks=True, dirs_exist_ok=True)
+    for name, content in job.files:
+        target = workspace / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content, encoding="utf-8")
+
+
+def interpret_outcome(outcome: RunOutcome, job: Job, stderr: str) -> RunReport:
+    usage = {"cpu_ms": outcome.cpu_ms, "peak_memory_mb": outcome.peak_memory_mb}
+    if outcome.error:
+        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, outcome.error, **usage)
+    if outcome.timed_out:
+        error = f"timed out after {job.limits.timeout_seconds} s"
+        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, error, **usage)
+    if outcome.oom_killed:
+        error = (
+            f"memory limit exceeded: the program used more than {job.limits.memory_mb} MB "
+            "and was killed"
+        )
+        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, error, **usage)
+    report = driver.parse_report(outcome.side_channel)
+    error_type, error_line = report.error_type, report.error_line
+    if (
+        outcome.exit_code not in (0, None)
+        and error_type is None
+        and report.pre_command_failed is None
+    ):
+        error_type, error_line = driver.parse_traceback(
+            stderr, f"{SANDBOX_WORKDIR}/{job.entrypoint}"
+        )
+    return RunReport(
+        ExecutionStatus.COMPLETED,
+        exit_code=outcome.exit_code,
+        error_type=error_type if outcome.exit_code else None,
+        error_line=error_line if outcome.exit_code else None,
+        result=report.result,
+        **usage,
+    )

@@ -1,0 +1,411 @@
+"""Per-run cgroups: memory with swap included, pids, CPU weight; usage and OOM kills.
+
+cgroup v2 is used when the unified hierarchy offers the memory and pids
+controllers; otherwise v1 (the memory, pids, cpu and cpuacct hierarchies), as
+on hybrid hosts. Our cgroups live at ``<hierarchy>/<cgroup_root>/<instance>/<slot>``;
+``<instance>`` starts with the server's pid so that ``start()`` of a later
+server can reap the leftovers of a crashed one without touching a live one.
+
+v1 slots are created once and reused (writing a few control files costs a
+seventh of a mkdir/rmdir in every hierarchy); v2 slots are created per run
+(one hierarchy, and memory.peak cannot be reset on older kernels).
+
+Usage::
+
+    cgroups = detect_cgroups(settings.cgroup_root, instance)   # None: no cgroups
+    slot = await cgroups.acquire()
+    slot.configure(limits); slot.add(pid)
+    ... ; slot.kill_all(); usage = slot.usage(); cgroups.release(slot)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+
+from .base import Limits
+
+MIB = 1024 * 1024
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+# A reused v1 slot still charged with this much (page cache, tmpfs pages of a
+# kept work dir) is emptied, or replaced when emptying does not help.
+_DIRTY_BYTES = 2 * MIB
+
+
+@dataclass(frozen=True)
+class Usage:
+    cpu_ms: int | None
+    peak_memory_mb: float | None
+    oom_killed: bool
+
+
+class Slot(Protocol):
+    def configure(self, limits: Limits) -> None: ...
+    def add(self, pid: int) -> None: ...
+    def pids(self) -> list[int]: ...
+    def kill_all(self) -> bool: ...
+    def usage(self) -> Usage: ...
+
+
+class Cgroups(Protocol):
+    version: str
+
+    async def acquire(self) -> Slot: ...
+    def release(self, slot: Slot) -> None: ...
+    def close(self) -> None: ...
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(_read(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _keyed(path: Path, key: str) -> int | None:
+    """``key value`` files: memory.oom_control, memory.events, cpu.stat."""
+    try:
+        for line in _read(path).splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _procs(directory: Path) -> list[int]:
+    try:
+        return [int(x) for x in _read(directory / "cgroup.procs").split()]
+    except OSError:
+        return []
+
+
+def _kill_loop(directory: Path, deadline: float = 2.0) -> bool:
+    """SIGKILL every process in ``directory`` until it is empty; True when empty."""
+    end = time.monotonic() + deadline
+    while True:
+        pids = _procs(directory)
+        if not pids:
+            return True
+        if time.monotonic() > end:
+            return False
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.002)
+
+
+def _rmdir(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(directory)
+
+
+def pid_alive(pid: int) -> bool:
+    return Path(f"/proc/{pid}").exists()
+
+
+def _mountinfo() -> list[tuple[Path, str, list[str]]]:
+    """(mount point, fs type, super options) of every mount."""
+    mounts = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            fields = post.split()
+            if len(fields) >= 3:
+                mounts.append((Path(pre.split()[4]), fields[0], fields[2].split(",")))
+    return mounts
+
+
+def v1_mounts() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for point, fstype, options in _mountinfo():
+        if fstype == "cgroup":
+            for controller in V1_CONTROLLERS:
+                if controller in options:
+                    found.setdefault(controller, point)
+    return found
+
+
+def v2_mount() -> Path | None:
+    """The unified hierarchy, when it offers memory and pids."""
+    for point, fstype, _ in _mountinfo():
+        if fstype == "cgroup2":
+            try:
+                controllers = _read(point / "cgroup.controllers").split()
+            except OSError:
+                continue
+            if {"memory", "pids"} <= set(controllers):
+                return point
+    return None
+
+
+def reap_stale(tree: Path) -> None:
+    """Kill and remove ``tree/<pid>-*/<slot>`` cgroups whose server pid is gone."""
+    if not tree.is_dir():
+        return
+    for instance in tree.iterdir():
+        owner = instance.name.split("-", 1)[0]
+        if not instance.is_dir() or not owner.isdigit() or pid_alive(int(owner)):
+            continue
+        for slot in instance.iterdir():
+            if slot.is_dir():
+                _kill_loop(slot)
+                with contextlib.suppress(OSError):
+                    os.rmdir(slot)
+        with contextlib.suppress(OSError):
+            os.rmdir(instance)
+
+
+# --- v1 -----------------------------------------------------------------------------
+
+
+class V1Slot:
+    def __init__(self, dirs: dict[str, Path]) -> None:
+        self.dirs = dirs  # controller -> directory (co-mounted controllers share one)
+        self._oom_base = 0
+
+    def _unique_dirs(self) -> list[Path]:
+        return list(dict.fromkeys(self.dirs.values()))
+
+    def create(self) -> None:
+        for d in self._unique_dirs():
+            d.mkdir(exist_ok=True)
+
+    def remove(self) -> None:
+        for d in self._unique_dirs():
+            _rmdir(d)
+
+    def charged_bytes(self) -> int:
+        return _read_int(self.dirs["memory"] / "memory.usage_in_bytes") or 0
+
+    def empty_charges(self) -> None:
+        with contextlib.suppress(OSError):
+            _write(self.dirs["memory"] / "memory.force_empty", "0")
+
+    def configure(self, limits: Limits) -> None:
+        mem = self.dirs["memory"]
+        limit = str(limits.memory_mb * MIB)
+        memsw = mem / "memory.memsw.limit_in_bytes"
+        has_memsw = memsw.exists()
+        if has_memsw:  # memsw may never be below the memory limit: lift it first
+            _write(memsw, "-1")
+        _write(mem / "memory.limit_in_bytes", limit)
+        if has_memsw:
+            _write(memsw, limit)
+        _write(self.dirs["pids"] / "pids.max", str(limits.pids))
+        if "cpu" in self.dirs:
+            _write(self.dirs["cpu"] / "cpu.shares", str(min(max(limits.cpu_shares, 2), 262144)))
+        self._reset_counters()
+
+    def _reset_counters(self) -> None:
+        mem = self.dirs["memory"]
+        for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.memsw.failcnt"):
+            with contextlib.suppress(FileNotFoundError):
+                _write(mem / name, "0")
+        if "cpuacct" in self.dirs:
+            _write(self.dirs["cpuacct"] / "cpuacct.usage", "0")
+        self._oom_base = self._oom_count()
+
+    def _oom_count(self) -> int:
+        mem = self.dirs["memory"]
+        count = _keyed(mem / "memory.oom_control", "oom_kill")
+        if count is None:  # kernels before 4.13: hitting the limit is the best hint
+            count = _read_int(mem / "memory.memsw.failcnt") or 0
+        return count
+
+    def add(self, pid: int) -> None:
+        for d in self._unique_dirs():
+            _write(d / "cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        return _procs(self.dirs["pids"])
+
+    def kill_all(self) -> bool:
+        return _kill_loop(self.dirs["pids"])
+
+    def usage(self) -> Usage:
+        cpu_ns = (
+            _read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
+        )
+        peak = _read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        return Usage(
+            cpu_ms=None if cpu_ns is None else cpu_ns // 1_000_000,
+            peak_memory_mb=None if peak is None else round(peak / MIB, 1),
+            oom_killed=self._oom_count() > self._oom_base,
+        )
+
+
+class V1Cgroups:
+    version = "v1"
+
+    def __init__(self, mounts: dict[str, Path], root_name: str, instance: str) -> None:
+        self._trees = {c: p / root_name for c, p in mounts.items()}
+        self._bases = {c: t / instance for c, t in self._trees.items()}
+        self._free: list[V1Slot] = []
+        self._all: set[V1Slot] = set()
+        self._counter = 0
+
+    def setup(self) -> None:
+        for tree in dict.fromkeys(self._trees.values()):
+            tree.mkdir(exist_ok=True)
+            reap_stale(tree)
+        for base in self._bases.values():
+            base.mkdir(exist_ok=True)
+
+    def _new_slot(self) -> V1Slot:
+        self._counter += 1
+        slot = V1Slot({c: b / f"s{self._counter}" for c, b in self._bases.items()})
+        slot.create()
+        self._all.add(slot)
+        return slot
+
+    async def acquire(self) -> Slot:
+        while self._free:
+            slot = self._free.pop()
+            if slot.charged_bytes() > _DIRTY_BYTES:
+                await anyio.to_thread.run_sync(slot.empty_charges)
+            if slot.charged_bytes() <= _DIRTY_BYTES:
+                return slot
+            self._retire(slot)  # charges held by files that still exist
+        return self._new_slot()
+
+    def release(self, slot: Slot) -> None:
+        assert isinstance(slot, V1Slot)
+        if slot.pids():
+            self._retire(slot)
+        else:
+            self._free.append(slot)
+
+    def _retire(self, slot: V1Slot) -> None:
+        self._all.discard(slot)
+        with contextlib.suppress(OSError):
+            slot.kill_all()
+            slot.remove()
+
+    def close(self) -> None:
+        for slot in list(self._all):
+            self._retire(slot)
+        self._free.clear()
+        for base in self._bases.values():
+            with contextlib.suppress(OSError):
+                _rmdir(base)
+
+
+# --- v2 -----------------------------------------------------------------------------
+
+
+class V2Slot:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+
+    def configure(self, limits: Limits) -> None:
+        _write(self.dir / "memory.max", str(limits.memory_mb * MIB))
+        with contextlib.suppress(FileNotFoundError):
+            _write(self.dir / "memory.swap.max", "0")
+        _write(self.dir / "pids.max", str(limits.pids))
+        with contextlib.suppress(FileNotFoundError):
+            shares = min(max(limits.cpu_shares, 2), 262144)
+            _write(self.dir / "cpu.weight", str(1 + ((shares - 2) * 9999) // 262142))
+
+    def add(self, pid: int) -> None:
+        _write(self.dir / "cgroup.procs", str(pid))
+
+    def pids(self) -> list[int]:
+        return _procs(self.dir)
+
+    def kill_all(self) -> bool:
+        with contextlib.suppress(FileNotFoundError):
+            _write(self.dir / "cgroup.kill", "1")
+        return _kill_loop(self.dir)
+
+    def usage(self) -> Usage:
+        usec = _keyed(self.dir / "cpu.stat", "usage_usec")
+        peak = _read_int(self.dir / "memory.peak")
+        return Usage(
+            cpu_ms=None if usec is None else usec // 1000,
+            peak_memory_mb=None if peak is None else round(peak / MIB, 1),
+            oom_killed=(_keyed(self.dir / "memory.events", "oom_kill") or 0) > 0,
+        )
+
+
+class V2Cgroups:
+    version = "v2"
+
+    def __init__(self, mount: Path, root_name: str, instance: str) -> None:
+        self._mount = mount
+        self._tree = mount / root_name
+        self._base = self._tree / instance
+        self._live: set[V2Slot] = set()
+        self._counter = 0
+
+    def setup(self) -> None:
+        self._tree.mkdir(exist_ok=True)
+        reap_stale(self._tree)
+        self._base.mkdir(exist_ok=True)
+        for parent in (self._mount, self._tree, self._base):
+            offered = set(_read(parent / "cgroup.controllers").split())
+            wanted = [c for c in ("memory", "pids", "cpu") if c in offered]
+            _write(parent / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
+
+    async def acquire(self) -> Slot:
+        self._counter += 1
+        slot = V2Slot(self._base / f"r{self._counter}")
+        slot.dir.mkdir()
+        self._live.add(slot)
+        return slot
+
+    def release(self, slot: Slot) -> None:
+        assert isinstance(slot, V2Slot)
+        self._live.discard(slot)
+        slot.kill_all()
+        try:
+            os.rmdir(slot.dir)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+
+    def close(self) -> None:
+        for slot in list(self._live):
+            with contextlib.suppress(OSError):
+                self.release(slot)
+        with contextlib.suppress(OSError):
+            _rmdir(self._base)
+
+
+def detect_cgroups(root_name: str, instance: str) -> V1Cgroups | V2Cgroups | None:
+    """The cgroup manager this host supports (set up), or None (not root, no controllers)."""
+    if os.geteuid() != 0:
+        return None
+    mount = v2_mount()
+    if mount is not None:
+        v2 = V2Cgroups(mount, root_name, instance)
+        try:
+            v2.setup()
+            return v2
+        except OSError:
+            v2.close()
+    mounts = v1_mounts()
+    if "memory" in mounts and "pids" in mounts:
+        v1 = V1Cgroups(mounts, root_name, instance)
+        v1.setup()
+        return v1
+    return None

@@ -1,0 +1,97 @@
+"""Host-side mount helpers (root only): mount(2)/umount2(2) without a subprocess.
+
+Usage::
+
+    mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=0700")
+    bind_readonly(Path("/root/.pyenv/versions/3.12.1"), alias)
+    unmount(path)          # lazily when busy; fine when it is not mounted
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from pathlib import Path
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, target: Path | str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(target))
+
+
+def mount(source: str, target: Path, fstype: str | None, flags: int, data: str = "") -> None:
+    rc = _libc.mount(
+        source.encode(),
+        os.fsencode(target),
+        fstype.encode() if fstype else None,
+        ctypes.c_ulong(flags),
+        data.encode() if data else None,
+    )
+    _check(rc, target)
+
+
+def bind_readonly(source: Path, target: Path) -> None:
+    """A read-only, nosuid, nodev bind mount of ``source`` on ``target``."""
+    mount(str(source), target, None, MS_BIND)
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV
+    try:
+        mount("none", target, None, flags)
+    except OSError:
+        unmount(target)
+        raise
+
+
+def unmount(target: Path) -> None:
+    """Unmount ``target``; lazily when busy. Not mounted or missing: nothing to do."""
+    rc = _libc.umount2(os.fsencode(target), 0)
+    if rc == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT):
+        return
+    if err != errno.EBUSY:
+        raise OSError(err, os.strerror(err), str(target))
+    _check(_libc.umount2(os.fsencode(target), MNT_DETACH), target)
+
+
+def mount_points_under(directory: Path) -> list[Path]:
+    """Mount points strictly below ``directory``, deepest first."""
+    prefix = str(directory).rstrip("/") + "/"
+    found = []
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point.startswith(prefix):
+                found.append(Path(point))
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def traversable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether ``uid``/``gid`` (no supplementary groups) can reach ``path``:
+    execute permission on every ancestor directory. ACLs are not consulted."""
+    for ancestor in reversed(path.parents):
+        try:
+            st = ancestor.stat()
+        except OSError:
+            return False
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return False
+    return True

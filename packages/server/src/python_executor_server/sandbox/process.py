@@ -1,0 +1,195 @@
+"""One child process with an exact fd layout, awaited through a pidfd; pipe pumps.
+
+``posix_spawn`` (vfork-fast, no Python code between fork and exec) places each
+of our pipe ends at the fd number the child must see it at, which
+``subprocess`` cannot do (``pass_fds`` keeps the parent's numbers). It must be
+called on the event-loop thread: bwrap's ``--die-with-parent`` watches the
+thread that spawned it.
+
+Usage::
+
+    child = spawn(argv, {0: stdin_r, 1: out_w, 2: err_w, 3: info_w}, env={})
+    await pump(out_r, lambda data: sink.write("stdout", data))
+    code = await child.wait()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+from collections.abc import Callable, Mapping
+
+import anyio
+
+READ_CHUNK = 1024 * 1024
+PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = 1031
+
+
+class Child:
+    """A spawned process we own: waited for without a watcher thread, killed race-free."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd: int | None = os.pidfd_open(pid)
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            assert self._pidfd is not None
+            await anyio.wait_readable(self._pidfd)
+            self._reap()
+        return self.returncode
+
+    def _reap(self) -> None:
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == self.pid:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self._close()
+
+    def kill(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def _close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+class PidHandle:
+    """A process we do not own (bwrap's namespace init), signalled through a pidfd so a
+    recycled pid can never be hit."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd: int | None = os.pidfd_open(pid)
+
+    def kill(self) -> None:
+        if self._pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def spawn(argv: list[str], fds: Mapping[int, int], env: Mapping[str, str]) -> Child:
+    """Start ``argv`` in a new session with ``fds`` (child fd -> our fd) and nothing
+    else open; SIGPIPE and SIGXFSZ back to their defaults (Python ignores them)."""
+    leaking = _inheritable_fds() - set(fds.values())
+    # Sources go to numbers above every fd involved first, so that neither a
+    # target nor closing an inherited fd overwrites one still to be moved.
+    high = max([*fds, *fds.values(), *leaking]) + 1
+    actions: list[tuple[int, int, int] | tuple[int, int]] = []
+    for i, source in enumerate(fds.values()):
+        actions.append((os.POSIX_SPAWN_DUP2, source, high + i))
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in sorted(leaking)]
+    for i, target in enumerate(fds):
+        actions.append((os.POSIX_SPAWN_DUP2, high + i, target))
+    actions += [(os.POSIX_SPAWN_CLOSE, high + i) for i in range(len(fds))]
+    pid = os.posix_spawn(
+        argv[0],
+        argv,
+        dict(env),
+        file_actions=actions,
+        setsid=True,
+        setsigmask=(),
+        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+    )
+    return Child(pid)
+
+
+def _inheritable_fds() -> set[int]:
+    """Our fds above 2 without close-on-exec (inherited from whoever started the
+    server, or made inheritable by a library): they must not reach a sandbox."""
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            with contextlib.suppress(OSError):
+                if not fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC:
+                    found.add(fd)
+    return found
+
+
+class Fds:
+    """The fds of one run, closed exactly once."""
+
+    def __init__(self) -> None:
+        self._open: set[int] = set()
+
+    def pipe(self, *, big: bool = False) -> tuple[int, int]:
+        r, w = os.pipe2(os.O_CLOEXEC)
+        if big:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(r, _F_SETPIPE_SZ, PIPE_SIZE)
+        self._open.update((r, w))
+        return r, w
+
+    def devnull(self) -> int:
+        fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        self._open.add(fd)
+        return fd
+
+    def memfd(self, data: bytes) -> int:
+        fd = os.memfd_create("bwrap-data", os.MFD_CLOEXEC)
+        self._open.add(fd)
+        os.write(fd, data)
+        os.lseek(fd, 0, os.SEEK_SET)
+        return fd
+
+    def close(self, *fds: int) -> None:
+        for fd in fds:
+            if fd in self._open:
+                self._open.discard(fd)
+                os.close(fd)
+
+    def close_all(self) -> None:
+        self.close(*list(self._open))
+
+
+async def pump(fd: int, deliver: Callable[[bytes], None]) -> None:
+    """Read ``fd`` to EOF, handing each chunk to ``deliver`` as it arrives."""
+    os.set_blocking(fd, False)
+    while True:
+        await anyio.wait_readable(fd)
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        deliver(data)
+
+
+async def feed(fd: int, data: bytes) -> None:
+    """Write ``data`` to ``fd`` while the reader takes it; a reader that leaves is fine."""
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    with contextlib.suppress(OSError):  # BrokenPipeError: stdin closed or program ended
+        while view:
+            await anyio.wait_writable(fd)
+            try:
+                written = os.write(fd, view[:PIPE_SIZE])
+            except BlockingIOError:
+                continue
+            view = view[written:]
+
+
+class CappedBuffer:
+    """Keeps the first ``cap`` bytes; later ones are read and dropped."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.data = bytearray()
+
+    def __call__(self, chunk: bytes) -> None:
+        room = self.cap - len(self.data)
+        if room > 0:
+            self.data += chunk[:room]

@@ -1,0 +1,91 @@
+"""Per-run workspaces: one size-capped tmpfs holding the run's /work and /tmp.
+
+``runs_path/<execution_id>/`` is a tmpfs (as root) of ``disk_mb`` MiB owned by
+the sandbox uid, mode 0700; ``work/`` appears at /work and ``tmp/`` at /tmp,
+so both together are capped and a write past the cap fails with ENOSPC inside
+the sandbox while the host disk is never touched. Its inode count is capped
+too. Without root it is a plain directory and the cap is not enforced.
+
+tmpfs pages are memory: the kernel charges them to the memory cgroup of the
+process that wrote them, so what a run writes counts towards its memory limit.
+
+Usage::
+
+    ws = Workspaces(settings.runs_path, uid=1000, tmpfs=True, min_inodes=...)
+    work = ws.create("exe_...", disk_mb=2048)    # -> runs_path/exe_.../work
+    chown_tree(work, 1000, 1000)
+    ws.remove(work)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import SandboxError
+from .mounts import MS_NODEV, MS_NOSUID, mount, unmount
+
+WORK_DIR = "work"
+TMP_DIR = "tmp"
+INODES_PER_MB = 64
+
+
+class Workspaces:
+    def __init__(self, runs_path: Path, *, uid: int, tmpfs: bool, min_inodes: int) -> None:
+        self.runs_path = runs_path
+        self.uid = uid
+        self.tmpfs = tmpfs
+        self.min_inodes = min_inodes
+
+    def create(self, execution_id: str, disk_mb: int) -> Path:
+        root = self._root_for(execution_id)
+        root.mkdir(mode=0o700)
+        try:
+            if self.tmpfs:
+                inodes = max(self.min_inodes, disk_mb * INODES_PER_MB)
+                options = (
+                    f"size={disk_mb}m,nr_inodes={inodes},mode=0700,uid={self.uid},gid={self.uid}"
+                )
+                mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, options)
+            (root / WORK_DIR).mkdir(mode=0o755)
+            (root / TMP_DIR).mkdir(mode=0o777)
+            os.chmod(root / TMP_DIR, 0o1777)
+            if os.geteuid() == 0:
+                for path in (root, root / WORK_DIR, root / TMP_DIR):
+                    os.chown(path, self.uid, self.uid)
+        except BaseException:
+            self.remove(root / WORK_DIR)
+            raise
+        return root / WORK_DIR
+
+    def tmp_for(self, workdir: Path) -> Path:
+        return workdir.parent / TMP_DIR
+
+    def remove(self, workdir: Path) -> None:
+        root = workdir.parent if workdir.name == WORK_DIR else workdir
+        if root.parent.resolve() != self.runs_path.resolve() or root.name.startswith("."):
+            raise SandboxError(f"not a workspace of this backend: {workdir}")
+        if not root.exists():
+            return
+        unmount(root)
+        shutil.rmtree(root, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            root.rmdir()
+
+    def _root_for(self, execution_id: str) -> Path:
+        if not execution_id or "/" in execution_id or execution_id.startswith("."):
+            raise SandboxError(f"invalid execution id for a workspace: {execution_id!r}")
+        return self.runs_path / execution_id
+
+
+def chown_tree(top: Path, uid: int, gid: int) -> None:
+    """Give the sandbox user what the runner wrote as root (symlinks themselves included)."""
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in (*dirnames, *filenames):
+            path = os.path.join(dirpath, name)
+            if os.lstat(path).st_uid != uid:
+                os.lchown(path, uid, gid)
+    if os.lstat(top).st_uid != uid:
+        os.lchown(top, uid, gid)

@@ -1,0 +1,262 @@
+"""Streaming reader of the ``tar`` + ``metadata`` multipart body of ``/exec`` requests.
+
+The body goes from the socket to disk chunk by chunk through python-multipart's
+streaming parser: the ``tar`` part is written to a file by a writer task (in a
+worker thread, 2 MiB at a time, at most ~8 MiB in memory, so that receiving
+and writing overlap), the ``metadata`` part is kept in memory up to a small cap,
+and nothing else is buffered. Never ``UploadFile`` / ``request.form()``.
+
+Usage::
+
+    upload = await receive_exec_upload(request, workdir, max_bytes=settings.max_upload_bytes)
+    metadata = Metadata.model_validate_json(upload.metadata)
+
+On any error everything this call wrote is removed before the error is raised
+(the caller still owns, and removes, ``dest_dir``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.datastructures import Headers
+from starlette.requests import ClientDisconnect, Request
+
+from python_executor_server import errors
+from python_executor_server.upload.tarsafe import SNIFF_BYTES, sniff_compression
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+TAR_FILENAME = "upload.tar"
+_FLUSH_BYTES = 2 << 20  # one thread hop per 2 MiB written, not per socket read
+_QUEUED_BATCHES = 3  # so at most ~8 MiB received but not yet written
+_TAR, _METADATA = "tar", "metadata"
+
+
+@dataclass(frozen=True)
+class ExecUpload:
+    tar_path: Path  # the `tar` part, streamed to this file
+    metadata: bytes  # the `metadata` part (JSON text, not parsed here)
+
+
+async def receive_exec_upload(
+    request: Request,
+    dest_dir: Path,
+    *,
+    max_bytes: int,
+    max_metadata_bytes: int = 1 << 20,
+) -> ExecUpload:
+    """Stream the request's multipart body: ``tar`` to ``dest_dir/upload.tar``, ``metadata`` kept.
+
+    Raises PayloadTooLarge once the body passes ``max_bytes``, UnsupportedArchive
+    for a compressed ``tar`` part, BadRequest for anything else wrong with the body.
+    """
+    _check_declared_length(request.headers, max_bytes)
+    parser, parts = _make_parser(request.headers, max_metadata_bytes)
+    sink = await _TarSink.create(dest_dir / TAR_FILENAME)
+    try:
+        await _receive(request, parser, parts, sink, max_bytes)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await sink.discard()
+        raise
+    return ExecUpload(tar_path=sink.path, metadata=bytes(parts.metadata))
+
+
+def _check_declared_length(headers: Headers, max_bytes: int) -> None:
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+
+
+def _too_large(max_bytes: int) -> errors.PayloadTooLarge:
+    return errors.PayloadTooLarge(
+        f"the request body is larger than the maximum of {max_bytes} bytes"
+    )
+
+
+def _make_parser(headers: Headers, max_metadata_bytes: int) -> tuple[MultipartParser, _Parts]:
+    content_type, params = parse_options_header(headers.get("content-type"))
+    boundary = params.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise errors.BadRequest("the request body must be multipart/form-data with a boundary")
+    parts = _Parts(max_metadata_bytes)
+    try:
+        return MultipartParser(boundary, parts.callbacks()), parts
+    except FormParserError as exc:
+        raise errors.BadRequest(f"the multipart body is malformed: {exc}") from exc
+
+
+async def _receive(
+    request: Request, parser: MultipartParser, parts: _Parts, sink: _TarSink, max_bytes: int
+) -> None:
+    """Receiving and writing overlap: the pump queues batches, a writer task writes them."""
+    send, batches = anyio.create_memory_object_stream[bytearray](_QUEUED_BATCHES)
+    try:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(sink.write_all, batches)
+            async with send:
+                await _pump(request, parser, parts, send, max_bytes)
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # ours, not a group: the handler maps it to HTTP
+            raise group.exceptions[0] from None
+        raise
+    await sink.close()
+
+
+async def _pump(
+    request: Request,
+    parser: MultipartParser,
+    parts: _Parts,
+    send: MemoryObjectSendStream[bytearray],
+    max_bytes: int,
+) -> None:
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > max_bytes:
+                raise _too_large(max_bytes)
+            _feed(parser, chunk)
+            if _tar_batch_ready(parts):
+                await send.send(parts.take_tar())
+    except ClientDisconnect as exc:
+        raise errors.BadRequest("the client disconnected before the body was complete") from exc
+    parts.check_complete()
+
+
+def _feed(parser: MultipartParser, chunk: bytes) -> None:
+    try:
+        parser.write(chunk)
+    except FormParserError as exc:  # MultipartParseError and friends
+        raise errors.BadRequest(f"the multipart body is malformed: {exc}") from exc
+
+
+def _tar_batch_ready(parts: _Parts) -> bool:
+    """Sniff the tar part's first bytes once; then a batch is ready at 2 MiB or the part's end."""
+    pending = len(parts.tar_pending)
+    if not parts.tar_sniffed and (pending >= SNIFF_BYTES or parts.tar_ended):
+        kind = sniff_compression(bytes(parts.tar_pending[:SNIFF_BYTES]))
+        if kind is not None:
+            raise errors.UnsupportedArchive(
+                f"only uncompressed tar archives are accepted (got {kind})"
+            )
+        parts.tar_sniffed = True
+    return parts.tar_sniffed and (pending >= _FLUSH_BYTES or (parts.tar_ended and pending > 0))
+
+
+@dataclass
+class _Parts:
+    """Parser callbacks. They only route bytes to buffers: the pump does the I/O."""
+
+    max_metadata_bytes: int
+    tar_pending: bytearray = field(default_factory=bytearray)  # not yet queued for writing
+    tar_sniffed: bool = False
+    tar_ended: bool = False
+    metadata: bytearray = field(default_factory=bytearray)
+    finished: bool = False
+    _seen: set[str] = field(default_factory=set)
+    _current: str | None = None
+    _header: bytearray = field(default_factory=bytearray)
+    _value: bytearray = field(default_factory=bytearray)
+    _disposition: bytes = b""
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self._on_part_begin,
+            "on_header_field": lambda data, start, end: self._header.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
+            "on_header_end": self._on_header_end,
+            "on_headers_finished": self._on_headers_finished,
+            "on_part_data": self._on_part_data,
+            "on_part_end": self._on_part_end,
+            "on_end": self._on_end,
+        }
+
+    def check_complete(self) -> None:
+        if not self.finished:
+            raise errors.BadRequest("the multipart body ended before its closing boundary")
+        for name in (_TAR, _METADATA):
+            if name not in self._seen:
+                raise errors.BadRequest(f"the multipart body has no `{name}` part")
+
+    def take_tar(self) -> bytearray:
+        taken, self.tar_pending = self.tar_pending, bytearray()
+        return taken
+
+    def _on_part_begin(self) -> None:
+        self._current, self._disposition = None, b""
+
+    def _on_header_end(self) -> None:
+        if self._header.strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._header.clear()
+        self._value.clear()
+
+    def _on_headers_finished(self) -> None:
+        name = parse_options_header(self._disposition)[1].get(b"name", b"").decode("latin-1")
+        if name not in (_TAR, _METADATA):
+            return  # an unknown part: its bytes are dropped
+        if name in self._seen:
+            raise errors.BadRequest(f"the multipart body has more than one `{name}` part")
+        self._seen.add(name)
+        self._current = name
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._current == _TAR:
+            self.tar_pending += memoryview(data)[start:end]
+        elif self._current == _METADATA:
+            self.metadata += memoryview(data)[start:end]
+            if len(self.metadata) > self.max_metadata_bytes:
+                raise errors.BadRequest(
+                    f"the `metadata` part is larger than {self.max_metadata_bytes} bytes"
+                )
+
+    def _on_part_end(self) -> None:
+        if self._current == _TAR:
+            self.tar_ended = True
+        self._current = None
+
+    def _on_end(self) -> None:
+        self.finished = True
+
+
+class _TarSink:
+    """The file the `tar` part goes to; every blocking call runs in a worker thread."""
+
+    def __init__(self, path: Path, file: BinaryIO) -> None:
+        self.path = path
+        self._file = file
+
+    @classmethod
+    async def create(cls, path: Path) -> _TarSink:
+        file = await anyio.to_thread.run_sync(path.open, "xb")  # never follows or reuses a path
+        return cls(path, file)
+
+    async def write_all(self, batches: MemoryObjectReceiveStream[bytearray]) -> None:
+        async with batches:
+            async for batch in batches:
+                await anyio.to_thread.run_sync(self._write, batch)
+
+    def _write(self, batch: bytearray) -> None:
+        try:
+            self._file.write(batch)  # larger than the buffer: written through, no copy
+        except OSError as exc:
+            raise errors.ExecutorError(f"the upload could not be stored: {exc}") from exc
+
+    async def close(self) -> None:
+        await anyio.to_thread.run_sync(self._file.close)
+
+    async def discard(self) -> None:
+        await anyio.to_thread.run_sync(self._discard)
+
+    def _discard(self) -> None:
+        self._file.close()
+        self.path.unlink(missing_ok=True)
