@@ -24,6 +24,7 @@ from .api import executions, system
 from .api.deps import Services
 from .api.limits import BodySizeLimit
 from .errors import ExecutorError, QueueFull
+from .execution.environments import EnvironmentCache
 from .execution.interpreters import default_version, discover_interpreters
 from .execution.jobs import JobBuilder
 from .execution.metrics import Metrics
@@ -32,6 +33,7 @@ from .execution.service import ExecutionService
 from .logs import get_logger
 from .queue import create_queue
 from .sandbox import create_backend
+from .sandbox.base import SandboxBackend
 from .settings import Settings
 from .store import create_store
 
@@ -101,8 +103,8 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
     return lifespan
 
 
-def _environments(settings: Settings, backend: object) -> None:
-    return None
+def _environments(settings: Settings, backend: SandboxBackend) -> EnvironmentCache:
+    return EnvironmentCache(settings, backend)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -21,6 +21,7 @@ from ..errors import BadRequest, PayloadTooLarge
 from ..sandbox.base import Interpreter
 from ..settings import Settings
 from .interpreters import default_version
+from .requirements import parse_requirements
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _IMAGE_VERSION = re.compile(r"^python:(3\.\d+)")
@@ -80,7 +81,7 @@ class JobBuilder:
             limits=self._limits(meta.config),
             project_dir=project_dir,
             image=meta.docker_image,
-            requirements_txt=meta.requirements_txt,
+            requirements_txt=_checked_requirements(meta.requirements_txt),
             pre_commands=tuple(meta.pre_commands or ()),
             stdin=meta.stdin,
             env=self._env(meta.env_vars),
@@ -100,7 +101,7 @@ class JobBuilder:
             limits=self._limits(body.config),
             files=files,
             image=body.docker_image,
-            requirements_txt=None if requirements == "-" else requirements,
+            requirements_txt=None if requirements == "-" else _checked_requirements(requirements),
             auto_detect=self.settings.auto_detect_imports and requirements != "-",
             stdin=body.stdin,
             env=self._env(body.env_vars),
@@ -184,6 +185,13 @@ def _bounded(name: str, value: int | None, default: int, maximum: int) -> int:
     if value > maximum:
         raise BadRequest(f"config.{name} is {value}; the server's maximum is {maximum}")
     return value
+
+
+def _checked_requirements(text: str | None) -> str | None:
+    """Reject option lines, URLs and paths now (400), not when the run starts."""
+    if text:
+        parse_requirements(text)
+    return text
 
 
 def check_relative_path(name: str) -> str:
