@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import AsyncIterator
 
@@ -16,6 +15,8 @@ from python_executor_client.models import (
     ExecutionList,
     ExecutionResult,
     ExecutionStatus,
+    LogChunk,
+    LogEventType,
     Metadata,
     SubmitResponse,
 )
@@ -160,9 +161,9 @@ async def execution_logs(execution_id: str, request: Request) -> StreamingRespon
     async def events() -> AsyncIterator[str]:
         async for item in service.follow(execution_id):
             if isinstance(item, LogEvent):
-                yield _sse(item.stream, json.dumps({"data": item.text}))
+                yield _sse(item.stream, LogChunk(data=item.text).model_dump_json())
             else:
-                yield _sse("exit", item.to_result().model_dump_json())
+                yield _sse(LogEventType.EXIT, item.to_result().model_dump_json())
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
