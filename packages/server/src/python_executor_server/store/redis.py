@@ -136,7 +136,10 @@ def _connect(url: str) -> Redis:
         raise StoreUnavailable(
             "the redis store needs the 'redis' package: pip install 'python-executor-server[redis]'"
         ) from exc
-    return redis.asyncio.Redis.from_url(url, decode_responses=True)
+    try:
+        return redis.asyncio.Redis.from_url(url, decode_responses=True)
+    except ValueError as exc:
+        raise StoreUnavailable(f"invalid redis_url {_redacted(url)!r}: {exc}") from exc
 
 
 def _redacted(url: str) -> str:
