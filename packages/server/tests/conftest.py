@@ -5,7 +5,6 @@ from pathlib import Path
 
 import httpx2
 import pytest
-
 from server_process import ServerProcess
 
 

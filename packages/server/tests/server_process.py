@@ -41,13 +41,17 @@ class ServerProcess:
             "PYEXEC_HOST": "127.0.0.1",
             "PYEXEC_PORT": str(self.port),
             "PYEXEC_DATA_DIR": str(self.data_dir),
-            "PYEXEC_RUN_DIR": f"/run/pyexec-test-{self.tag}" if os.geteuid() == 0 else str(self.data_dir / "runs"),
+            "PYEXEC_RUN_DIR": f"/run/pyexec-test-{self.tag}"
+            if os.geteuid() == 0
+            else str(self.data_dir / "runs"),
             "PYEXEC_CGROUP_ROOT": f"pyexec-test-{self.tag}",
             "PYEXEC_LOG_LEVEL": "warning",
             **self.env,
         }
         with open(self.data_dir.parent / f"server-{self.tag}.log", "ab") as log:
-            self.proc = subprocess.Popen([str(SERVER_BIN), "serve"], env=env, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(
+                [str(SERVER_BIN), "serve"], env=env, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import swagger_ui_bundle
+import swagger_ui_bundle  # type: ignore[import-untyped]
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -93,7 +93,9 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
         app.state.services = Services(
             settings, service, JobBuilder(settings, interpreters), backend, metrics, health
         )
-        log.info("server ready", backend=backend.name, store=settings.store, pythons=list(interpreters))
+        log.info(
+            "server ready", backend=backend.name, store=settings.store, pythons=list(interpreters)
+        )
         try:
             yield
         finally:

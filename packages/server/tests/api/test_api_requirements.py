@@ -43,8 +43,16 @@ def test_unknown_import_is_the_programs_own_error(client: httpx2.Client) -> None
 
 @pytest.mark.parametrize(
     "line",
-    ["-i http://10.0.0.1/simple", "--index-url=http://x", "-r other.txt", "-e .", "git+https://example.invalid/x.git",
-     "pkg @ file:///etc/passwd", "./local/path", "/abs/path.whl"],
+    [
+        "-i http://10.0.0.1/simple",
+        "--index-url=http://x",
+        "-r other.txt",
+        "-e .",
+        "git+https://example.invalid/x.git",
+        "pkg @ file:///etc/passwd",
+        "./local/path",
+        "/abs/path.whl",
+    ],
 )
 def test_bad_requirement_lines_rejected(client: httpx2.Client, line: str) -> None:
     response = client.post("/api/v1/eval", json={"code": "1", "requirements_txt": f"six\n{line}\n"})
@@ -53,7 +61,11 @@ def test_bad_requirement_lines_rejected(client: httpx2.Client, line: str) -> Non
 
 
 def test_uninstallable_requirement_fails_the_run(client: httpx2.Client) -> None:
-    body = run(client, {"main.py": "print('never')"}, requirements_txt="no-such-package-pyexec-test-zzz==1.0")
+    body = run(
+        client,
+        {"main.py": "print('never')"},
+        requirements_txt="no-such-package-pyexec-test-zzz==1.0",
+    )
     assert body["status"] == "failed"
     assert "no-such-package-pyexec-test-zzz" in body["error"]
     assert body["stdout"] == ""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import httpx2
 import pytest
-
 from api_helpers import eval_
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(120)]
@@ -67,8 +66,15 @@ def test_dotted_error_type(client: httpx2.Client) -> None:
 
 
 def test_stdin_env_args(client: httpx2.Client) -> None:
-    code = "import os, sys\nprint(sys.stdin.read().upper())\nprint(os.environ['GREETING'])\nprint(sys.argv[1:])"
-    body = eval_(client, code, stdin="abc", env_vars=["GREETING=hello world"], script_args=["a b", "c"])
+    code = (
+        "import os, sys\n"
+        "print(sys.stdin.read().upper())\n"
+        "print(os.environ['GREETING'])\n"
+        "print(sys.argv[1:])"
+    )
+    body = eval_(
+        client, code, stdin="abc", env_vars=["GREETING=hello world"], script_args=["a b", "c"]
+    )
     assert body["stdout"] == "ABC\nhello world\n['a b', 'c']\n"
 
 
@@ -84,7 +90,10 @@ def test_files_with_entrypoint(client: httpx2.Client) -> None:
 
 
 def test_files_default_entrypoint_is_first(client: httpx2.Client) -> None:
-    files = [{"name": "first.py", "content": "print('first')"}, {"name": "second.py", "content": "print('second')"}]
+    files = [
+        {"name": "first.py", "content": "print('first')"},
+        {"name": "second.py", "content": "print('second')"},
+    ]
     response = client.post("/api/v1/eval", json={"files": files})
     assert response.json()["stdout"] == "first\n"
 
@@ -93,14 +102,20 @@ def test_every_python_version(client: httpx2.Client) -> None:
     versions = client.get("/health").json()["python_versions"]
     assert versions
     for version in versions:
-        body = eval_(client, "import sys\nprint(f'{sys.version_info[0]}.{sys.version_info[1]}')", python_version=version)
+        body = eval_(
+            client,
+            "import sys\nprint(f'{sys.version_info[0]}.{sys.version_info[1]}')",
+            python_version=version,
+        )
         assert body["stdout"].strip() == version
 
 
 def test_docker_image_name_selects_version(client: httpx2.Client) -> None:
     versions = client.get("/health").json()["python_versions"]
     version = versions[0]
-    body = eval_(client, "import sys\nprint(sys.version_info[:2])", docker_image=f"python:{version}-slim")
+    body = eval_(
+        client, "import sys\nprint(sys.version_info[:2])", docker_image=f"python:{version}-slim"
+    )
     assert body["stdout"].strip() == str(tuple(int(x) for x in version.split(".")))
 
 
@@ -119,13 +134,17 @@ def test_docker_image_name_selects_version(client: httpx2.Client) -> None:
         ({"code": "1", "entrypoint": "missing.py"}, 400, "entrypoint"),
     ],
 )
-def test_bad_requests(client: httpx2.Client, body: dict[str, object], status: int, fragment: str) -> None:
+def test_bad_requests(
+    client: httpx2.Client, body: dict[str, object], status: int, fragment: str
+) -> None:
     response = client.post("/api/v1/eval", json=body)
     assert response.status_code == status, response.text
     assert fragment in response.json()["error"]
 
 
 def test_not_json(client: httpx2.Client) -> None:
-    response = client.post("/api/v1/eval", content=b"{not json", headers={"content-type": "application/json"})
+    response = client.post(
+        "/api/v1/eval", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400
     assert "error" in response.json()

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import httpx2
 import pytest
-
-from server_process import ServerProcess
-
 from api_helpers import post_exec, run, tar_of
+from server_process import ServerProcess
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(120)]
 
@@ -46,7 +44,9 @@ def test_stdin_env_args_pre_commands(client: httpx2.Client) -> None:
         script_args=["--flag", "with space"],
         pre_commands=["echo pre-one", "echo made > made-by-pre.txt"],
     )
-    assert body["stdout"] == "pre-one\nline from stdin\n1 two words\n['--flag', 'with space']\nmade\n"
+    assert (
+        body["stdout"] == "pre-one\nline from stdin\n1 two words\n['--flag', 'with space']\nmade\n"
+    )
 
 
 def test_failing_pre_command_stops_the_run(client: httpx2.Client) -> None:
@@ -66,7 +66,12 @@ def test_nested_packages_and_explicit_entrypoint(client: httpx2.Client) -> None:
         "app/__init__.py": "",
         "app/core/__init__.py": "",
         "app/core/calc.py": "def add(a, b):\n    return a + b\n",
-        "bin/start.py": "import sys, os\nsys.path.insert(0, os.getcwd())\nfrom app.core.calc import add\nprint(add(2, 3))\n",
+        "bin/start.py": (
+            "import sys, os\n"
+            "sys.path.insert(0, os.getcwd())\n"
+            "from app.core.calc import add\n"
+            "print(add(2, 3))\n"
+        ),
         "main.py": "print('not me')",
     }
     assert run(client, files, entrypoint="bin/start.py")["stdout"] == "5\n"
@@ -75,12 +80,17 @@ def test_nested_packages_and_explicit_entrypoint(client: httpx2.Client) -> None:
 @pytest.mark.parametrize(
     ("files", "expected"),
     [
-        ({"main.py": "print('main')", "__main__.py": "print('dunder')", "a.py": "print('a')"}, "main"),
+        (
+            {"main.py": "print('main')", "__main__.py": "print('dunder')", "a.py": "print('a')"},
+            "main",
+        ),
         ({"__main__.py": "print('dunder')", "a.py": "print('a')"}, "dunder"),
         ({"zeta.py": "print('zeta')", "alpha.py": "print('alpha')"}, "zeta"),
     ],
 )
-def test_entrypoint_auto_detection(client: httpx2.Client, files: dict[str, str], expected: str) -> None:
+def test_entrypoint_auto_detection(
+    client: httpx2.Client, files: dict[str, str], expected: str
+) -> None:
     assert run(client, files)["stdout"] == expected + "\n"
 
 
@@ -130,7 +140,9 @@ def _hardlink_tar() -> bytes:
         (b"this is not a tar archive at all" * 40, "tar"),
     ],
 )
-def test_rejected_archives(client: httpx2.Client, server: ServerProcess, tar: bytes, fragment: str) -> None:
+def test_rejected_archives(
+    client: httpx2.Client, server: ServerProcess, tar: bytes, fragment: str
+) -> None:
     before = uploads_left(server)
     response = post_exec(client, tar, {})
     assert response.status_code == 400, response.text
@@ -138,7 +150,9 @@ def test_rejected_archives(client: httpx2.Client, server: ServerProcess, tar: by
     assert uploads_left(server) == before
 
 
-def test_symlink_then_write_through_it_rejected(client: httpx2.Client, server: ServerProcess) -> None:
+def test_symlink_then_write_through_it_rejected(
+    client: httpx2.Client, server: ServerProcess
+) -> None:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         link = tarfile.TarInfo("sub")
@@ -164,7 +178,9 @@ def test_symlink_then_write_through_it_rejected(client: httpx2.Client, server: S
         ({"entrypoint": "nope.py"}, "entrypoint"),
     ],
 )
-def test_bad_metadata(client: httpx2.Client, server: ServerProcess, metadata: object, fragment: str) -> None:
+def test_bad_metadata(
+    client: httpx2.Client, server: ServerProcess, metadata: object, fragment: str
+) -> None:
     before = uploads_left(server)
     response = post_exec(client, tar_of({"main.py": "print(1)"}), metadata)  # type: ignore[arg-type]
     assert response.status_code == 400, response.text

@@ -9,10 +9,8 @@ from typing import Any
 
 import httpx2
 import pytest
-
-from server_process import ServerProcess
-
 from api_helpers import eval_, post_exec, tar_of
+from server_process import ServerProcess
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(180)]
 
@@ -24,7 +22,9 @@ def submit(client: httpx2.Client, code: str, **metadata: Any) -> str:
     return execution_id
 
 
-def wait_status(client: httpx2.Client, execution_id: str, statuses: set[str], timeout: float = 60) -> dict[str, Any]:
+def wait_status(
+    client: httpx2.Client, execution_id: str, statuses: set[str], timeout: float = 60
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         body: dict[str, Any] = client.get(f"/api/v1/executions/{execution_id}").json()
@@ -42,13 +42,17 @@ def test_async_then_get(client: httpx2.Client) -> None:
 
 def test_unknown_id_404(client: httpx2.Client) -> None:
     for method in ("GET", "DELETE"):
-        response = client.request(method, "/api/v1/executions/exe_00000000-0000-4000-8000-000000000000")
+        response = client.request(
+            method, "/api/v1/executions/exe_00000000-0000-4000-8000-000000000000"
+        )
         assert response.status_code == 404
         assert "not found" in response.json()["error"]
 
 
 def test_kill_running(client: httpx2.Client) -> None:
-    execution_id = submit(client, "import time\nprint('started', flush=True)\ntime.sleep(60)\nprint('never')")
+    execution_id = submit(
+        client, "import time\nprint('started', flush=True)\ntime.sleep(60)\nprint('never')"
+    )
     wait_status(client, execution_id, {"running"})
     time.sleep(0.5)
     started = time.monotonic()
@@ -78,12 +82,16 @@ def test_timeout_keeps_partial_output(client: httpx2.Client) -> None:
 
 def test_list_with_filter_and_pagination(client: httpx2.Client) -> None:
     ids = [eval_(client, f"print({n})")["execution_id"] for n in range(3)]
-    failing = eval_(client, "import time; time.sleep(5)", config={"timeout_seconds": 1})["execution_id"]
+    failing = eval_(client, "import time; time.sleep(5)", config={"timeout_seconds": 1})[
+        "execution_id"
+    ]
     page = client.get("/api/v1/executions", params={"limit": 2}).json()
     assert len(page["executions"]) == 2
     assert page["executions"][0]["execution_id"] == failing
     assert page["next_cursor"]
-    rest = client.get("/api/v1/executions", params={"limit": 2, "cursor": page["next_cursor"]}).json()
+    rest = client.get(
+        "/api/v1/executions", params={"limit": 2, "cursor": page["next_cursor"]}
+    ).json()
     assert rest["executions"][0]["execution_id"] == ids[1]
     failed = client.get("/api/v1/executions", params={"status": "failed", "limit": 500}).json()
     assert failing in {e["execution_id"] for e in failed["executions"]}
@@ -105,7 +113,9 @@ def read_sse(response: httpx2.Response) -> list[tuple[str, Any]]:
 
 
 def test_live_logs_of_running_execution(client: httpx2.Client) -> None:
-    code = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.3)\n"
+    code = (
+        "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.3)\n"
+    )
     execution_id = submit(client, code)
     with client.stream("GET", f"/api/v1/executions/{execution_id}/logs") as response:
         assert response.headers["content-type"].startswith("text/event-stream")

@@ -28,8 +28,16 @@ def test_openapi_documents_every_endpoint(client: httpx2.Client) -> None:
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     paths = doc["paths"]
-    for path in ("/api/v1/exec/sync", "/api/v1/exec/async", "/api/v1/eval", "/api/v1/executions/{execution_id}",
-                 "/api/v1/executions", "/api/v1/executions/{execution_id}/logs", "/health", "/metrics"):
+    for path in (
+        "/api/v1/exec/sync",
+        "/api/v1/exec/async",
+        "/api/v1/eval",
+        "/api/v1/executions/{execution_id}",
+        "/api/v1/executions",
+        "/api/v1/executions/{execution_id}/logs",
+        "/health",
+        "/metrics",
+    ):
         assert path in paths, path
     assert "multipart/form-data" in paths["/api/v1/exec/sync"]["post"]["requestBody"]["content"]
     assert client.get("/docs/doc.json").json() == doc

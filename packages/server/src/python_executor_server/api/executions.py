@@ -9,7 +9,6 @@ import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
-
 from python_executor_client.models import (
     EvalRequest,
     ExecutionList,

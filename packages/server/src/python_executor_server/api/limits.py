@@ -45,6 +45,9 @@ class BodySizeLimit:
 
     async def _reject(self, send: Send) -> None:
         body = json.dumps({"error": f"request body is over {self.max_bytes} bytes"}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -10,12 +10,16 @@ from __future__ import annotations
 import glob
 import json
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 
 from ..sandbox.base import Interpreter
 from ..settings import Settings
 
-_PROBE = "import sys,json;print(json.dumps([f'{sys.version_info[0]}.{sys.version_info[1]}',sys.base_prefix]))"
+_PROBE = (
+    "import sys,json;"
+    "print(json.dumps([f'{sys.version_info[0]}.{sys.version_info[1]}',sys.base_prefix]))"
+)
 
 
 def _candidates(settings: Settings) -> list[str]:
@@ -50,7 +54,7 @@ def discover_interpreters(settings: Settings) -> dict[str, Interpreter]:
     return dict(sorted(found.items(), key=lambda kv: tuple(int(x) for x in kv[0].split("."))))
 
 
-def default_version(settings: Settings, available: dict[str, Interpreter]) -> str:
+def default_version(settings: Settings, available: Mapping[str, Interpreter]) -> str:
     if settings.default_python:
         return settings.default_python
     for preferred in ("3.12", "3.11"):
@@ -58,4 +62,4 @@ def default_version(settings: Settings, available: dict[str, Interpreter]) -> st
             return preferred
     if not available:
         raise RuntimeError("no Python 3.10+ interpreter found; set PYEXEC_PYTHON_INTERPRETERS")
-    return next(reversed(available))
+    return list(available)[-1]

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Protocol
 
 import anyio
-
 from python_executor_client.models import ExecutionStatus
 
 from ..errors import InstallError
@@ -159,34 +158,42 @@ def populate_workspace(workspace: Path, job: Job) -> None:
         target.write_text(content, encoding="utf-8")
 
 
-def interpret_outcome(outcome: RunOutcome, job: Job, stderr: str) -> RunReport:
-    usage = {"cpu_ms": outcome.cpu_ms, "peak_memory_mb": outcome.peak_memory_mb}
+def _failure(outcome: RunOutcome, job: Job) -> str | None:
+    """Why the service stopped (or could not run) the program, if it did."""
     if outcome.error:
-        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, outcome.error, **usage)
+        return outcome.error
     if outcome.timed_out:
-        error = f"timed out after {job.limits.timeout_seconds} s"
-        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, error, **usage)
+        return f"timed out after {job.limits.timeout_seconds} s"
     if outcome.oom_killed:
-        error = (
+        return (
             f"memory limit exceeded: the program used more than {job.limits.memory_mb} MB "
             "and was killed"
         )
-        return RunReport(ExecutionStatus.FAILED, outcome.exit_code, error, **usage)
+    return None
+
+
+def interpret_outcome(outcome: RunOutcome, job: Job, stderr: str) -> RunReport:
+    error = _failure(outcome, job)
+    if error is not None:
+        return RunReport(
+            ExecutionStatus.FAILED,
+            exit_code=outcome.exit_code,
+            error=error,
+            cpu_ms=outcome.cpu_ms,
+            peak_memory_mb=outcome.peak_memory_mb,
+        )
     report = driver.parse_report(outcome.side_channel)
     error_type, error_line = report.error_type, report.error_line
-    if (
-        outcome.exit_code not in (0, None)
-        and error_type is None
-        and report.pre_command_failed is None
-    ):
-        error_type, error_line = driver.parse_traceback(
-            stderr, f"{SANDBOX_WORKDIR}/{job.entrypoint}"
-        )
+    failed = outcome.exit_code not in (0, None)
+    if failed and error_type is None and report.pre_command_failed is None:
+        entrypoint = f"{SANDBOX_WORKDIR}/{job.entrypoint}"
+        error_type, error_line = driver.parse_traceback(stderr, entrypoint)
     return RunReport(
         ExecutionStatus.COMPLETED,
         exit_code=outcome.exit_code,
-        error_type=error_type if outcome.exit_code else None,
-        error_line=error_line if outcome.exit_code else None,
+        error_type=error_type if failed else None,
+        error_line=error_line if failed else None,
         result=report.result,
-        **usage,
+        cpu_ms=outcome.cpu_ms,
+        peak_memory_mb=outcome.peak_memory_mb,
     )

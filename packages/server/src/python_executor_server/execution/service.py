@@ -21,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import structlog
-
 from python_executor_client.models import ExecutionStatus
 
 from ..errors import InvalidTransition, NotFound, QueueFull
@@ -32,7 +31,7 @@ from . import states
 from .jobs import Job
 from .metrics import Metrics
 from .output import LogEvent, OutputCapture
-from .runner import RunReport, Runner
+from .runner import Runner, RunReport
 
 log = structlog.get_logger("python_executor.service")
 
@@ -109,18 +108,18 @@ class ExecutionService:
         record = await self.submit(job, execution_id)
         return await self.wait(record.execution_id)
 
-    async def wait(self, execution_id: str, timeout: float | None = None) -> ExecutionRecord:
+    async def wait(self, execution_id: str) -> ExecutionRecord:
+        """The record once it is finished."""
         event = self._finished.get(execution_id)
-        with contextlib.suppress(asyncio.TimeoutError):
-            async with asyncio.timeout(timeout):
-                if event is not None:
-                    await event.wait()
-                else:
-                    await self._poll_until_finished(execution_id)
+        if event is not None:
+            await event.wait()
+        else:
+            await self._poll_until_finished(execution_id)
         return await self.get(execution_id)
 
     async def _poll_until_finished(self, execution_id: str) -> None:
-        while not (await self.get(execution_id)).status.finished:
+        # Another process may be running it: the store is the only shared truth.
+        while not (await self.get(execution_id)).status.finished:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
 
     # --- queries ------------------------------------------------------------

@@ -70,7 +70,9 @@ class RunSpec:
     limits: Limits
     stdin: bytes | None = None
     mounts: tuple[Mount, ...] = ()  # extra read-only mounts (requirement environments)
-    result_fd: int | None = None  # if set: an extra pipe at this fd inside; bytes -> RunOutcome.side_channel
+    result_fd: int | None = (
+        None  # if set: an extra pipe at this fd inside; bytes -> RunOutcome.side_channel
+    )
     image: str | None = None  # Docker backend only
 
 
