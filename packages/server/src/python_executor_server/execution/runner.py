@@ -72,6 +72,7 @@ class Runner:
         self.backend = backend
         self.interpreters = interpreters
         self.environments = environments
+        self._kept: dict[str, Path] = {}  # workspaces kept for debugging, until retention
 
     async def run(self, execution_id: str, job: Job, sink: OutputSink) -> RunReport:
         interpreter = self._interpreter(job.python_version)
@@ -87,9 +88,17 @@ class Runner:
             stderr = getattr(sink, "text", None)
             return interpret_outcome(outcome, job, stderr("stderr") if stderr else "")
         finally:
-            if not self.settings.keep_workdirs:
+            if self.settings.keep_workdirs:
+                self._kept[execution_id] = workspace
+            else:
                 with anyio.CancelScope(shield=True):
                     await self.backend.remove_workspace(workspace)
+
+    async def discard_workspace(self, execution_id: str) -> None:
+        """Remove a workspace kept by ``keep_workdirs`` (called by retention)."""
+        workspace = self._kept.pop(execution_id, None)
+        if workspace is not None:
+            await self.backend.remove_workspace(workspace)
 
     def _interpreter(self, version: str) -> Interpreter:
         found = self.interpreters.get(version)

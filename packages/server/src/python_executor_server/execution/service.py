@@ -285,5 +285,7 @@ class ExecutionService:
             await asyncio.sleep(interval)
             cutoff = utcnow() - timedelta(seconds=self.settings.cleanup_ttl)
             removed = await self.store.delete_finished_before(cutoff)
+            for execution_id in removed:
+                await self.runner.discard_workspace(execution_id)
             if removed:
                 log.info("retention removed finished executions", count=len(removed))
