@@ -74,13 +74,14 @@ class JobBuilder:
         self.interpreters = interpreters
 
     def from_metadata(self, meta: Metadata, project_dir: str, files: Sequence[str]) -> Job:
+        version = self._python_version(meta.python_version, meta.docker_image)
         return Job(
             kind="exec",
             entrypoint=self._entrypoint(meta.entrypoint, files),
-            python_version=self._python_version(meta.python_version, meta.docker_image),
+            python_version=version,
             limits=self._limits(meta.config),
             project_dir=project_dir,
-            image=meta.docker_image,
+            image=self._image(meta.docker_image, meta.python_version),
             requirements_txt=_checked_requirements(meta.requirements_txt),
             pre_commands=tuple(meta.pre_commands or ()),
             stdin=meta.stdin,
@@ -100,7 +101,7 @@ class JobBuilder:
             python_version=self._python_version(body.python_version, body.docker_image),
             limits=self._limits(body.config),
             files=files,
-            image=body.docker_image,
+            image=self._image(body.docker_image, body.python_version),
             requirements_txt=None if requirements == "-" else _checked_requirements(requirements),
             auto_detect=self.settings.auto_detect_imports and requirements != "-",
             stdin=body.stdin,
@@ -138,6 +139,14 @@ class JobBuilder:
                 return name
         raise BadRequest("no entrypoint: the project has no main.py, __main__.py or other .py file")
 
+    def _image(self, docker_image: str | None, python_version: str | None) -> str | None:
+        """On the Docker backend: the allowed image to run (400 for any other)."""
+        if self.settings.sandbox != "docker":
+            return docker_image
+        from ..sandbox.docker import resolve_image
+
+        return resolve_image(self.settings, docker_image, python_version)
+
     def _python_version(self, requested: str | None, image: str | None) -> str:
         version = requested
         if version is None and image and self.settings.sandbox != "docker":
@@ -145,8 +154,8 @@ class JobBuilder:
             version = match.group(1) if match else None
         if version is None:
             return default_version(self.settings, self.interpreters)
-        if self.settings.sandbox == "docker" and not self.interpreters:
-            return version
+        if self.settings.sandbox == "docker":
+            return version  # the image decides; ``_image`` rejects an unknown version
         if version not in self.interpreters:
             available = ", ".join(self.interpreters) or "none"
             raise BadRequest(f"python_version {version!r} is not available; available: {available}")

@@ -34,8 +34,6 @@ from __future__ import annotations
 import fnmatch
 import logging
 import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,13 +44,19 @@ from ..errors import BadRequest, SandboxError
 from ..settings import Settings
 from .base import Limits, OutputSink, RunOutcome, RunSpec
 from .docker_pool import Attached, ContainerFactory, Profile, WarmPool
-from .docker_protocol import ProtocolError, ReplyParser, encode_job, image_argv
+from .docker_protocol import (
+    SPOOL_BYTES,
+    ProtocolError,
+    ReplyParser,
+    encode_job,
+    image_argv,
+    pack_workspace,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VERSIONS = ("3.10", "3.11", "3.12", "3.13")
 CHUNK = 256 * 1024
-SPOOL_BYTES = 4 * 2**20  # projects up to this size are packed in memory
 WAITER_GRACE_SECONDS = 10  # the waiter's own deadline, a backstop behind ours
 
 
@@ -109,25 +113,6 @@ def default_limits(settings: Settings, network: bool = False) -> Limits:
     )
 
 
-def pack_workspace(workdir: Path) -> tuple[IO[bytes], int]:
-    """An uncompressed tar of ``workdir`` (owned by the sandbox user), rewound."""
-
-    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
-        if not (info.isfile() or info.isdir() or info.issym()):
-            return None  # devices, fifos: never part of a project
-        info.uid = info.gid = 1000
-        info.uname = info.gname = ""
-        return info
-
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned open
-    with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for child in sorted(workdir.iterdir()):
-            tar.add(child, arcname=child.name, filter=owned)
-    size = spool.tell()
-    spool.seek(0)
-    return spool, size  # type: ignore[return-value]
-
-
 class DockerBackend:
     """``SandboxBackend`` on a Docker daemon (``PYEXEC_SANDBOX=docker``)."""
 
@@ -152,7 +137,9 @@ class DockerBackend:
             log.info("removed %d orphaned sandbox containers", reaped)
         self._pool = WarmPool(self._factory, self._settings.docker_pool_size)
         if self._info["default_image_present"]:
-            self._pool.warm(self.profile(self._settings.default_image, default_limits(self._settings)))
+            self._pool.warm(
+                self.profile(self._settings.default_image, default_limits(self._settings))
+            )
 
     async def close(self) -> None:
         pool, factory = self._pool, self._factory
@@ -200,15 +187,15 @@ class DockerBackend:
     def profile(self, image: str, limits: Limits, spec: RunSpec | None = None) -> Profile:
         return Profile.of(image, limits, self._settings, spec.mounts if spec else ())
 
-    async def wait_warm(self, profile: Profile, count: int = 1, timeout: float = 30) -> bool:
+    async def wait_warm(self, profile: Profile, count: int = 1, within: float = 30) -> bool:
         """Wait until ``count`` containers of ``profile`` are warm (tests, benchmarks)."""
         if self._pool is None:
             return False
         self._pool.warm(profile)
-        with anyio.move_on_after(timeout):
-            while self._pool.ready(profile) < count:
-                await anyio.sleep(0.02)
-            return True
+        for _ in range(int(within / 0.02)):
+            if self._pool.ready(profile) >= count:
+                return True
+            await anyio.sleep(0.02)
         return False
 
     # --- workspaces -------------------------------------------------------------
@@ -231,7 +218,9 @@ class DockerBackend:
         image = spec.image or self._settings.default_image
         tar, tar_size = await anyio.to_thread.run_sync(pack_workspace, spec.workdir)
         try:
-            return await self._run(spec, sink, self.profile(image, spec.limits, spec), tar, tar_size)
+            return await self._run(
+                spec, sink, self.profile(image, spec.limits, spec), tar, tar_size
+            )
         finally:
             tar.close()
 
@@ -273,18 +262,17 @@ class DockerBackend:
         # Shielded: a container half-made when the caller gives up would leak.
         with anyio.CancelScope(shield=True):
             try:
-                attached = await anyio.to_thread.run_sync(
-                    self._factory.create, profile, execution_id
-                )
+                made = await anyio.to_thread.run_sync(self._factory.create, profile, execution_id)
             except Exception as exc:
                 raise SandboxError(_explain(exc, profile.image)) from exc
         try:
             await anyio.lowlevel.checkpoint()
         except anyio.get_cancelled_exc_class():
-            await self._kill(attached)
-            attached.close()
+            with anyio.CancelScope(shield=True):
+                await self._kill(made)
+            made.close()
             raise
-        return attached
+        return made
 
     async def _exchange(
         self, attached: Attached, spec: RunSpec, sink: OutputSink, tar: IO[bytes], tar_size: int
@@ -345,11 +333,15 @@ class DockerBackend:
         await anyio.to_thread.run_sync(self._factory.destroy, attached.container_id)
 
 
-async def _send(stream: SocketStream, header: bytes, tar: IO[bytes], size: int, stdin: bytes) -> None:
+async def _send(
+    stream: SocketStream, header: bytes, tar: IO[bytes], size: int, stdin: bytes
+) -> None:
     try:
         await stream.send(header)
         while chunk := (
-            await anyio.to_thread.run_sync(tar.read, CHUNK) if size > SPOOL_BYTES else tar.read(CHUNK)
+            await anyio.to_thread.run_sync(tar.read, CHUNK)
+            if size > SPOOL_BYTES
+            else tar.read(CHUNK)
         ):
             await stream.send(chunk)
         if stdin:
@@ -377,10 +369,13 @@ def _connect(base_url: str) -> Any:
         raise SandboxError(
             "the docker backend needs docker-py: pip install 'python-executor-server[docker]'"
         ) from exc
+    client = None
     try:
         client = docker.DockerClient(base_url=base_url, timeout=120)
         client.ping()
     except Exception as exc:
+        if client is not None:
+            client.close()
         raise SandboxError(f"no Docker daemon answers at {base_url}: {exc}") from exc
     return client
 

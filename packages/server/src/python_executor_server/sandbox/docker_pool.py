@@ -27,7 +27,6 @@ import os
 import socket
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +78,8 @@ class Profile:
 def host_config(profile: Profile) -> dict[str, Any]:
     """Arguments for docker-py's ``create_host_config``: the enforcement, in one place."""
     inodes = max(4096, profile.disk_mb * 64)
-    tmpfs = f"rw,nosuid,nodev,size={profile.disk_mb}m,nr_inodes={inodes},uid={SANDBOX_UID},gid={SANDBOX_GID}"
+    owner = f"uid={SANDBOX_UID},gid={SANDBOX_GID}"
+    tmpfs = f"rw,nosuid,nodev,size={profile.disk_mb}m,nr_inodes={inodes},{owner}"
     ulimits = [
         {"name": "nofile", "soft": profile.open_files, "hard": profile.open_files},
         {"name": "core", "soft": 0, "hard": 0},
@@ -136,7 +136,8 @@ class Attached:
         return sock
 
     def close(self) -> None:
-        for obj in (self.sock, self.origin, getattr(self.origin, "_sock", None)):
+        # SocketIO.close() forgets its socket: take it first, then close all three.
+        for obj in (self.sock, getattr(self.origin, "_sock", None), self.origin):
             try:
                 if obj is not None:
                     obj.close()
@@ -177,10 +178,13 @@ class ContainerFactory:
             host_config=api.create_host_config(**host_config(profile)),
         )
         cid = created["Id"]
+        attached: Attached | None = None
         try:
             attached = self._attach(cid)
             api.start(cid)
         except BaseException:
+            if attached is not None:
+                attached.close()
             self.destroy(cid)
             raise
         return attached
@@ -189,9 +193,15 @@ class ContainerFactory:
         params = {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
         origin = self.api.attach_socket(cid, params=params)
         raw = getattr(origin, "_sock", origin)
-        if not isinstance(raw, socket.socket) or raw.family not in (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6):
+        if not isinstance(raw, socket.socket) or raw.family not in (
+            socket.AF_UNIX,
+            socket.AF_INET,
+            socket.AF_INET6,
+        ):
             origin.close()
-            raise OSError(errno.EPROTONOSUPPORT, "docker_socket must be unix:// or tcp:// without TLS")
+            raise OSError(
+                errno.EPROTONOSUPPORT, "docker_socket must be unix:// or tcp:// without TLS"
+            )
         # Our own descriptor: docker-py's objects may close theirs whenever they like.
         return Attached(cid, socket.socket(fileno=os.dup(raw.fileno())), origin)
 

@@ -16,18 +16,22 @@ Usage::
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
+import tarfile
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any
 
-from .base import OutputSink
+from .base import SANDBOX_GID, SANDBOX_UID, OutputSink
 
 WAITER_PATH = Path(__file__).with_name("docker_waiter.py")
 IMAGE_PYTHON = "python3"  # what a host interpreter path becomes inside the image
+SPOOL_BYTES = 4 * 2**20  # projects up to this size are packed in memory
 MAX_FRAME = 1 << 20  # the waiter sends at most 64 KiB per frame; anything bigger is a bug
 _PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
 _DOCKER_HEADER = struct.Struct(">BxxxL")  # stream type, payload length
@@ -38,9 +42,14 @@ class ProtocolError(Exception):
     """The container sent something the waiter never sends."""
 
 
+@functools.cache
+def _waiter_source() -> str:
+    return WAITER_PATH.read_text()
+
+
 def waiter_command() -> list[str]:
     """The container command: the image's python3 running the waiter, isolated."""
-    return [IMAGE_PYTHON, "-I", "-S", "-c", WAITER_PATH.read_text()]
+    return [IMAGE_PYTHON, "-I", "-S", "-c", _waiter_source()]
 
 
 def image_argv(argv: Sequence[str], host_interpreter: str) -> list[str]:
@@ -78,6 +87,25 @@ def encode_job(
     }
     body = json.dumps(job).encode()
     return struct.pack(">I", len(body)) + body
+
+
+def pack_workspace(workdir: Path) -> tuple[IO[bytes], int]:
+    """An uncompressed tar of ``workdir`` (owned by the sandbox user), rewound."""
+
+    def owned(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        if not (info.isfile() or info.isdir() or info.issym()):
+            return None  # devices, fifos: never part of a project
+        info.uid, info.gid = SANDBOX_UID, SANDBOX_GID
+        info.uname = info.gname = ""
+        return info
+
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - returned open
+    with tarfile.open(fileobj=spool, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for child in sorted(workdir.iterdir()):
+            tar.add(child, arcname=child.name, filter=owned)
+    size = spool.tell()
+    spool.seek(0)
+    return spool, size
 
 
 @dataclass(frozen=True)

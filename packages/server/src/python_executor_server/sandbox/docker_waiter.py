@@ -24,6 +24,7 @@ exit frames are sent, so nothing can write to ``result_fd`` afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -86,11 +87,18 @@ def extract(size: int) -> None:
         reader.read(CHUNK)
 
 
-def make_undumpable() -> None:
-    try:
-        import ctypes
+PR_SET_DUMPABLE = 4
+LIBC: Any = None
 
-        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+
+def set_dumpable(value: int) -> None:
+    global LIBC
+    try:
+        if LIBC is None:
+            import ctypes
+
+            LIBC = ctypes.CDLL(None)
+        LIBC.prctl(PR_SET_DUMPABLE, value, 0, 0, 0)
     except Exception:  # an image without libffi still works, a little less hardened
         pass
 
@@ -105,10 +113,8 @@ def private_pipe() -> tuple[int, int]:
 
 def kill_all() -> None:
     for _ in range(2):  # a second sweep catches a child forked during the first
-        try:
+        with contextlib.suppress(OSError):
             os.kill(-1, signal.SIGKILL)  # from pid 1: every process but us
-        except OSError:
-            pass
 
 
 def resolve(argv0: str) -> str:
@@ -123,7 +129,9 @@ def resolve(argv0: str) -> str:
 def raise_oom_score() -> None:
     # Under memory pressure the kernel must pick the program, not this relay
     # (tmpfs pages count against the limit but in nobody's RSS). Raising the
-    # score needs no privilege; the program inherits it.
+    # score needs no privilege, but a non-dumpable process cannot write its
+    # /proc files: the child (about to exec anyway) becomes dumpable first.
+    set_dumpable(1)
     try:
         with open("/proc/self/oom_score_adj", "w") as f:
             f.write("1000")
@@ -240,6 +248,21 @@ class Relay:
         self.reap()
 
 
+def free_tmpfs() -> None:
+    for top in (WORKDIR, "/tmp"):
+        try:
+            names = os.listdir(top)
+        except OSError:
+            continue
+        for name in names:
+            path = os.path.join(top, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+
+
 def cgroup_peak_bytes() -> int | None:
     for path in ("/sys/fs/cgroup/memory/memory.max_usage_in_bytes", "/sys/fs/cgroup/memory.peak"):
         try:
@@ -292,7 +315,7 @@ def start(job: dict[str, Any]) -> Relay:
 
 
 def main() -> None:
-    make_undumpable()
+    set_dumpable(0)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     wake_r, wake_w = private_pipe()
     os.set_blocking(wake_w, False)
@@ -303,12 +326,15 @@ def main() -> None:
     except EOFError:
         return  # the server dropped this warm container
     try:
-        extract(job["tar_size"])
+        if job["tar_size"]:
+            extract(job["tar_size"])
         relay = start(job)
     except Exception as exc:  # the project does not fit, python3 missing, ...
         send(b"f", f"{type(exc).__name__}: {exc}".encode())
         return
     relay.run(wake_r)
+    if relay.status == -signal.SIGKILL:
+        free_tmpfs()  # after an OOM kill, files there may still hold the memory we need
     finish(relay.status)
 
 
