@@ -112,7 +112,10 @@ def _environments(settings: Settings, backend: SandboxBackend) -> EnvironmentCac
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ExecutorError)
     async def executor_error(request: Request, exc: ExecutorError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else None
+        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else {}
+        if request.url.path.startswith("/api/v1/exec/"):
+            # The body may still be arriving: close rather than read and discard the rest.
+            headers["Connection"] = "close"
         if exc.status_code >= 500 and not isinstance(exc, QueueFull):
             log.error("request failed", path=request.url.path, error=exc.message)
         return JSONResponse({"error": exc.message}, exc.status_code, headers=headers)

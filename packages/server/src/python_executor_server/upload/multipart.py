@@ -11,12 +11,19 @@ Usage::
     upload = await receive_exec_upload(request, workdir, max_bytes=settings.max_upload_bytes)
     metadata = Metadata.model_validate_json(upload.metadata)
 
-On any error everything this call wrote is removed before the error is raised
-(the caller still owns, and removes, ``dest_dir``).
+``dest_dir`` is created when missing. On any error everything this call wrote
+is removed before the error is raised (the caller still owns ``dest_dir``).
+
+An error raised while the client is still sending (413 above all) should be
+answered with ``Connection: close``: uvicorn then stops reading, where it would
+otherwise read and discard the rest of the body, however long, to keep the
+connection alive.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -60,7 +67,7 @@ async def receive_exec_upload(
     """
     _check_declared_length(request.headers, max_bytes)
     parser, parts = _make_parser(request.headers, max_metadata_bytes)
-    sink = await _TarSink.create(dest_dir / TAR_FILENAME)
+    sink = await _TarSink.create(dest_dir)
     try:
         await _receive(request, parser, parts, sink, max_bytes)
     except BaseException:
@@ -231,14 +238,22 @@ class _Parts:
 class _TarSink:
     """The file the `tar` part goes to; every blocking call runs in a worker thread."""
 
-    def __init__(self, path: Path, file: BinaryIO) -> None:
+    def __init__(self, path: Path, file: BinaryIO, made_dir: bool) -> None:
         self.path = path
         self._file = file
+        self._made_dir = made_dir
 
     @classmethod
-    async def create(cls, path: Path) -> _TarSink:
-        file = await anyio.to_thread.run_sync(path.open, "xb")  # never follows or reuses a path
-        return cls(path, file)
+    async def create(cls, dest_dir: Path) -> _TarSink:
+        return await anyio.to_thread.run_sync(cls._open, dest_dir)
+
+    @classmethod
+    def _open(cls, dest_dir: Path) -> _TarSink:
+        made_dir = not dest_dir.is_dir()
+        path = dest_dir / TAR_FILENAME
+        with _storing():
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            return cls(path, path.open("xb"), made_dir)  # "x": never follows or reuses a path
 
     async def write_all(self, batches: MemoryObjectReceiveStream[bytearray]) -> None:
         async with batches:
@@ -246,17 +261,32 @@ class _TarSink:
                 await anyio.to_thread.run_sync(self._write, batch)
 
     def _write(self, batch: bytearray) -> None:
-        try:
+        with _storing():
             self._file.write(batch)  # larger than the buffer: written through, no copy
-        except OSError as exc:
-            raise errors.ExecutorError(f"the upload could not be stored: {exc}") from exc
 
     async def close(self) -> None:
-        await anyio.to_thread.run_sync(self._file.close)
+        await anyio.to_thread.run_sync(self._close)
+
+    def _close(self) -> None:
+        with _storing():
+            self._file.close()
 
     async def discard(self) -> None:
         await anyio.to_thread.run_sync(self._discard)
 
     def _discard(self) -> None:
-        self._file.close()
-        self.path.unlink(missing_ok=True)
+        # best effort: never hide the error that got us here behind a cleanup one
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink(missing_ok=True)
+            if self._made_dir:
+                self.path.parent.rmdir()
+
+
+@contextlib.contextmanager
+def _storing() -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:  # disk full, quota, permissions: ours, not the client's
+        raise errors.ExecutorError(f"the upload could not be stored: {exc}") from exc

@@ -5,10 +5,13 @@ anything is written; only then are the members extracted, with tarfile's
 ``data`` filter as a second line of defence. Rejected with
 :class:`~python_executor_server.errors.UnsafeArchive` (400 naming the entry):
 absolute paths, ``..`` components, hard links (all of them), device nodes,
-FIFOs, sparse files, unknown entry types, symlinks whose target is absolute
-or resolves outside the root (following the archive's other symlinks, in the
-archive's final state), and any entry whose path passes through a symlink or
-replaces one (the Judge0 2024 escapes wrote through symlinked directories).
+FIFOs, sparse files, unknown entry types, paths too long or too deep, symlinks
+whose target is absolute or resolves outside the root (following the
+archive's other symlinks, in the archive's final state), and any entry whose
+path passes through a symlink or replaces one (the Judge0 2024 escapes wrote
+through symlinked directories). BadRequest: more than ``max_entries`` entries
+(parent directories included), a body tarfile cannot read, data after the end
+of the archive, oversized pax / GNU long-name headers.
 
 Usage (``extract_tar`` blocks: run it in a worker thread)::
 
@@ -26,13 +29,13 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from python_executor_server import errors
+from python_executor_server.upload.tartree import ArchiveTree, Kind, too_many_entries
 
 _MAGIC = (
     (b"\x1f\x8b", "gzip"),
@@ -46,16 +49,13 @@ _MAGIC = (
 SNIFF_BYTES = 512
 # pax / GNU long-name headers are read whole into memory by tarfile; real ones are tiny.
 _MAX_EXTENDED_HEADER = 1 << 20
-_EXTENDED_TYPES = (
-    tarfile.XHDTYPE,
-    tarfile.XGLTYPE,
-    tarfile.SOLARIS_XHDTYPE,
-    tarfile.GNUTYPE_LONGNAME,
-    tarfile.GNUTYPE_LONGLINK,
-)
-_MAX_SYMLINK_HOPS = 40  # the kernel's limit (ELOOP)
+_PAX_TYPES = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+_EXTENDED_TYPES = (*_PAX_TYPES, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+# tarfile copies the global pax records into every member: keep that copy small.
+_MAX_GLOBAL_PAX_RECORDS = 64
 _MAX_NAME_BYTES = 255
 _MAX_PATH_BYTES = 4095
+_MAX_DEPTH = 128  # tarfile creates parents with os.makedirs, which recurses per level
 _MAX_MTIME = 2**33
 
 
@@ -109,12 +109,12 @@ def extract_tar(
     """
     _reject_compressed(tar_path)
     if tar_path.stat().st_size == 0:  # like GNU tar: an empty file is an empty archive
-        _populate(dest, _Tree(), uid, gid)
+        _populate(dest, uid, gid)
         return ExtractedProject(root=dest, files=())
     with _reading(), _open(tar_path) as archive:
         members, tree = _validate(archive, max_entries)
         _check_trailer(tar_path, archive.offset)
-        _populate(dest, tree, uid, gid, archive, members)
+        _populate(dest, uid, gid, archive, members)
     return ExtractedProject(root=dest, files=tuple(tree.files))
 
 
@@ -134,16 +134,36 @@ def _reading() -> Iterator[None]:
 
 
 class _CappedTarInfo(tarfile.TarInfo):
-    """Refuses oversized pax/GNU extended headers before tarfile reads them into memory."""
+    """Refuses what would make tarfile's header parsing costly, before tarfile reads it."""
 
     def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
-        if self.type in _EXTENDED_TYPES and self.size > _MAX_EXTENDED_HEADER:
-            raise errors.BadRequest(
-                f"the tar archive could not be read: an extended header of {self.size} bytes "
-                f"(more than {_MAX_EXTENDED_HEADER})"
-            )
+        if self.type == tarfile.GNUTYPE_SPARSE:  # its extension blocks run to any length
+            raise errors.UnsafeArchive(self.name, "sparse files are not allowed")
+        if self.type in _EXTENDED_TYPES:
+            _check_extended_header(self, tarfile_)
         result: tarfile.TarInfo = super()._proc_member(tarfile_)  # type: ignore[misc]
+        if len(tarfile_.pax_headers) > _MAX_GLOBAL_PAX_RECORDS:
+            raise errors.BadRequest(
+                f"the tar archive has more than {_MAX_GLOBAL_PAX_RECORDS} global pax records"
+            )
+        result.pax_headers = {}  # already applied; kept, they would cost memory per member
         return result
+
+
+def _check_extended_header(info: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+    if info.size > _MAX_EXTENDED_HEADER:
+        raise errors.BadRequest(
+            f"the tar archive could not be read: an extended header of {info.size} bytes "
+            f"(more than {_MAX_EXTENDED_HEADER})"
+        )
+    if info.type in _PAX_TYPES:
+        source = archive.fileobj
+        assert source is not None
+        start = source.tell()
+        records = source.read(info.size)
+        source.seek(start)
+        if b" GNU.sparse." in records:  # tarfile would read a sparse map of any length
+            raise errors.BadRequest("sparse files are not allowed in the archive")
 
 
 def _open(tar_path: Path) -> tarfile.TarFile:
@@ -154,107 +174,44 @@ def _open(tar_path: Path) -> tarfile.TarFile:
 # --- validation ---------------------------------------------------------------
 
 
-@dataclass
-class _Tree:
-    """What the archive would create, by normalised relative path."""
-
-    kinds: dict[str, str] = field(default_factory=dict)  # "dir" | "file" | "symlink"
-    links: dict[str, tuple[str, str]] = field(default_factory=dict)  # path -> (entry, target)
-    files: dict[str, None] = field(default_factory=dict)  # an ordered set
-
-    def add(self, entry: str, path: str, kind: str, target: str) -> None:
-        for parent in _ancestors(path):
-            self._enter(entry, parent)
-        previous = self.kinds.get(path)
-        if previous is not None and (previous != kind or kind == "symlink"):
-            raise errors.UnsafeArchive(entry, f"it would replace an earlier {previous}")
-        self.kinds[path] = kind
-        if kind == "file":
-            self.files[path] = None
-        elif kind == "symlink":
-            self.links[path] = (entry, target)
-
-    def _enter(self, entry: str, parent: str) -> None:
-        kind = self.kinds.setdefault(parent, "dir")
-        if kind == "symlink":
-            raise errors.UnsafeArchive(entry, f"its path passes through the symlink {parent!r}")
-        if kind == "file":
-            raise errors.UnsafeArchive(entry, f"its parent {parent!r} is a file")
-
-    def check_links(self) -> None:
-        for path, (entry, target) in self.links.items():
-            parent = path.rpartition("/")[0]
-            problem = self._resolve(f"{parent}/{target}" if parent else target)
-            if problem is not None:
-                raise errors.UnsafeArchive(entry, f"its target {target!r} {problem}")
-
-    def _resolve(self, relative: str) -> str | None:
-        """Walk ``relative`` like the kernel would, through the archive's symlinks."""
-        stack: list[str] = []
-        pending = deque(relative.split("/"))
-        hops = 0
-        while pending:
-            part = pending.popleft()
-            if part == "..":
-                if not stack:
-                    return "resolves outside the archive root"
-                stack.pop()
-            elif part not in ("", "."):
-                stack.append(part)
-                target = self.links.get("/".join(stack), ("", ""))[1]
-                if target:
-                    hops += 1
-                    if hops > _MAX_SYMLINK_HOPS:
-                        return "is part of a symlink loop"
-                    if target.startswith("/"):  # refused earlier; kept for safety
-                        return "resolves outside the archive root"
-                    stack.pop()
-                    pending.extendleft(reversed(target.split("/")))
-        return None
-
-
-def _ancestors(path: str) -> Iterator[str]:
-    parts = path.split("/")
-    for i in range(1, len(parts)):
-        yield "/".join(parts[:i])
-
-
-def _validate(archive: tarfile.TarFile, max_entries: int) -> tuple[list[tarfile.TarInfo], _Tree]:
-    tree = _Tree()
+def _validate(
+    archive: tarfile.TarFile, max_entries: int
+) -> tuple[list[tarfile.TarInfo], ArchiveTree]:
+    tree = ArchiveTree(max_nodes=max_entries)
     members: list[tarfile.TarInfo] = []
     for count, member in enumerate(archive, start=1):
         if count > max_entries:
-            raise errors.BadRequest(
-                f"the archive has more than {max_entries} entries (the maximum)"
-            )
-        path = _normalise(member.name)
+            raise too_many_entries(max_entries)
+        parts = _normalise(member.name)
         kind = _kind(member)
-        if path == "":
+        if not parts:  # "./": the root itself
             if kind != "dir":
                 raise errors.UnsafeArchive(member.name, "it would replace the archive root")
-            continue  # "./": the root itself
+            continue
         if kind == "symlink":
             _check_link_target(member)
-        tree.add(member.name, path, kind, member.linkname)
+        tree.add(member.name, parts, kind, member.linkname)
         members.append(member)
     tree.check_links()
     return members, tree
 
 
-def _normalise(name: str) -> str:
+def _normalise(name: str) -> list[str]:
     if name.startswith("/"):
         raise errors.UnsafeArchive(name, "absolute paths are not allowed")
     parts = [part for part in name.split("/") if part not in ("", ".")]
     if ".." in parts:
         raise errors.UnsafeArchive(name, "'..' path components are not allowed")
-    path = "/".join(parts)
     encoded = [part.encode("utf-8", "surrogateescape") for part in parts]
-    if any(len(part) > _MAX_NAME_BYTES for part in encoded) or len(path) > _MAX_PATH_BYTES:
+    too_long = len(b"/".join(encoded)) > _MAX_PATH_BYTES
+    if too_long or any(len(part) > _MAX_NAME_BYTES for part in encoded):
         raise errors.UnsafeArchive(name, "its path is too long")
-    return path
+    if len(parts) > _MAX_DEPTH:
+        raise errors.UnsafeArchive(name, f"its path is more than {_MAX_DEPTH} levels deep")
+    return parts
 
 
-def _kind(member: tarfile.TarInfo) -> str:
+def _kind(member: tarfile.TarInfo) -> Kind:
     if member.isdir():
         return "dir"
     if member.issym():
@@ -312,7 +269,6 @@ def _writing() -> Iterator[None]:
 
 def _populate(
     dest: Path,
-    tree: _Tree,
     uid: int | None,
     gid: int | None,
     archive: tarfile.TarFile | None = None,
@@ -322,7 +278,7 @@ def _populate(
         dest.mkdir(parents=True, exist_ok=True)
         if archive is not None:
             archive.extractall(dest, members=members, filter=_sanitise)
-        _settle(dest, tree, uid, gid)
+        _settle(dest, uid, gid)
 
 
 def _sanitise(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
@@ -332,14 +288,18 @@ def _sanitise(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     return safe.replace(mode=mode, mtime=mtime, deep=False)
 
 
-def _settle(dest: Path, tree: _Tree, uid: int | None, gid: int | None) -> None:
+def _settle(dest: Path, uid: int | None, gid: int | None) -> None:
     """Parent dirs without an entry got the umask's mode: every dir gets 0o755; then owners."""
-    for path, kind in tree.kinds.items():
-        if kind == "dir":
-            os.chmod(dest / path, 0o755)
-    if uid is None and gid is None:
-        return
-    uid, gid = -1 if uid is None else uid, -1 if gid is None else gid
-    os.lchown(dest, uid, gid)
-    for path in tree.kinds:
-        os.lchown(dest / path, uid, gid)
+    owner = (-1 if uid is None else uid, -1 if gid is None else gid)
+    chown = owner != (-1, -1)
+    if chown:
+        os.lchown(dest, *owner)
+    pending = [str(dest)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if chown:
+                    os.lchown(entry.path, *owner)
+                if entry.is_dir(follow_symlinks=False):
+                    os.chmod(entry.path, 0o755)
+                    pending.append(entry.path)
