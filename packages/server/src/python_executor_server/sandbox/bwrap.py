@@ -1,16 +1,16 @@
 """The embedded sandbox: bubblewrap, cgroups, rlimits, seccomp, private tmpfs workspaces.
 
-One run: bwrap starts as the unprivileged host uid (``settings.sandbox_host_uid``)
-with fresh user, pid, ipc, uts, cgroup and network namespaces, and blocks
-(``--block-fd``) once its filesystem is ready. We read its namespace init's
-pid (``--info-fd``), put that process into the run's cgroups, set its rlimits,
-attach the network if asked, and only then let it fork the command: nothing
-of the run ever runs outside its limits. Output is pumped to the sink as it
-arrives and drained to EOF (the sink caps it; the program keeps running).
+One run: ``prlimit`` sets the rlimits, ``setpriv`` drops to the unprivileged
+host uid (``settings.sandbox_host_uid``), bwrap makes fresh user, pid, ipc,
+uts, cgroup and network namespaces and blocks (``--block-fd``) once its
+filesystem is ready. We read its namespace init's pid (``--info-fd``), move it
+into the run's cgroups, attach the network if asked, and only then let it fork
+the command: nothing of the run runs outside its limits. Output goes to the
+sink as it arrives and is drained to EOF (the sink caps it; the program runs on).
 
-Every process of a run lives in its pid namespace and its cgroup: killing the
-namespace init takes the whole namespace down (setsid'd and double-forked
-processes included), and the cgroup is swept with SIGKILL until empty.
+Every process of a run is in its pid namespace and its cgroup: killing the
+namespace init takes the namespace down (setsid'd and double-forked processes
+included), and the cgroup is swept with SIGKILL until empty.
 
 Without root: bwrap runs as the server's own uid, no cgroups (``RLIMIT_AS``
 per process instead), plain work dirs without a size cap; ``describe()`` says so.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from .base import (
     RunSpec,
 )
 from .cgroups import Cgroups, Slot, detect_cgroups
+from .instance import new_instance_name
 from .mounts import traversable_by
 from .network import NetworkAttachment, attach_network, network_status
 from .process import CappedBuffer, Child, Fds, PidHandle, feed, pump, spawn
@@ -75,6 +75,12 @@ class _Live:
     init: PidHandle | None = None
     slot: Slot | None = None
     network: NetworkAttachment | None = None
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def kill(self) -> None:  # from outside the run's own task
+        for process in (self.init, self.child):
+            if process is not None:
+                process.kill()
 
 
 @dataclass
@@ -94,6 +100,12 @@ class _Pipes:
     stdin: tuple[int, int] | None
     result: tuple[int, int] | None
 
+    @classmethod
+    def create(cls, spec: RunSpec, fds: Fds) -> _Pipes:
+        stdin = fds.pipe() if spec.stdin is not None else None
+        result = fds.pipe() if spec.result_fd is not None else None
+        return cls(fds.pipe(big=True), fds.pipe(big=True), fds.pipe(), fds.pipe(), stdin, result)
+
 
 class BwrapBackend:
     name = "bwrap"
@@ -105,7 +117,7 @@ class BwrapBackend:
         self._interpreters = dict(interpreters or {})
         self._root = os.geteuid() == 0
         self._uid = settings.sandbox_host_uid if self._root else os.getuid()
-        self._instance = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._instance = new_instance_name()
         self._bwrap = shutil.which("bwrap")
         self._setpriv = shutil.which("setpriv")
         self._prlimit = shutil.which("prlimit")
@@ -162,8 +174,10 @@ class BwrapBackend:
                 )
 
     async def close(self) -> None:
-        for live in list(self._live):
-            await self._terminate(live)
+        with anyio.move_on_after(10):  # each run's own cleanup reaps and releases
+            for live in list(self._live):
+                live.kill()
+                await live.done.wait()
         if self._cgroups is not None:
             self._cgroups.close()
         await anyio.to_thread.run_sync(self._rootfs.close)
@@ -210,11 +224,12 @@ class BwrapBackend:
             with anyio.CancelScope(shield=True):
                 await self._cleanup(live)
             self._live.discard(live)
+            live.done.set()
 
     async def _run(self, spec: RunSpec, sink: OutputSink, live: _Live) -> RunOutcome:
         if self._root:
             await anyio.to_thread.run_sync(chown_tree, spec.workdir, self._uid, self._uid)
-        pipes = self._pipes(spec, live.fds)
+        pipes = _Pipes.create(spec, live.fds)
         layout = self._layout(spec, pipes, live.fds)
         argv = self._argv(spec, layout)
         if self._cgroups is not None:
@@ -225,16 +240,6 @@ class BwrapBackend:
         # in it after the run means bwrap died before starting the command.
         live.fds.close(*(fd for fd in layout.fds.values() if fd != pipes.block[0]))
         return await self._supervise(spec, sink, live, pipes)
-
-    def _pipes(self, spec: RunSpec, fds: Fds) -> _Pipes:
-        return _Pipes(
-            out=fds.pipe(big=True),
-            err=fds.pipe(big=True),
-            info=fds.pipe(),
-            block=fds.pipe(),
-            stdin=fds.pipe() if spec.stdin is not None else None,
-            result=fds.pipe() if spec.result_fd is not None else None,
-        )
 
     def _layout(self, spec: RunSpec, pipes: _Pipes, fds: Fds) -> _Layout:
         """Which of our fds bwrap gets at which number: 0-2, the result pipe at
@@ -265,8 +270,7 @@ class BwrapBackend:
         for key, value in spec.env.items():
             args += ["--setenv", key, value]
         args += self._rootfs.base_args(network=spec.limits.network)
-        tmp = self._workspaces.tmp_for(spec.workdir)
-        args += ["--bind", str(spec.workdir), SANDBOX_WORKDIR, "--bind", str(tmp), SANDBOX_TMPDIR]
+        args += ["--bind", str(spec.workdir), SANDBOX_WORKDIR, *self._tmp_args(spec)]
         args += self._rootfs.interpreter_args(spec.interpreter)
         args += self._rootfs.mount_args(spec.mounts)
         args += ["--remount-ro", "/", "--chdir", SANDBOX_WORKDIR]
@@ -285,6 +289,15 @@ class BwrapBackend:
             uid = str(self._uid)
             argv += [self._setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
         return argv
+
+    def _tmp_args(self, spec: RunSpec) -> list[str]:
+        """The workspace's tmp/ at /tmp; a work dir not made by ``create_workspace``
+        gets a private tmpfs of ``disk_mb`` instead."""
+        tmp = self._workspaces.tmp_for(spec.workdir)
+        if tmp.is_dir():
+            return ["--bind", str(tmp), SANDBOX_TMPDIR]
+        size = str(spec.limits.disk_mb * 1024 * 1024)
+        return ["--perms", "1777", "--size", size, "--tmpfs", SANDBOX_TMPDIR]
 
     async def _supervise(
         self, spec: RunSpec, sink: OutputSink, live: _Live, pipes: _Pipes

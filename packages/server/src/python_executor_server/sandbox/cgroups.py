@@ -32,6 +32,8 @@ from typing import Protocol
 import anyio
 
 from .base import Limits
+from .instance import stale_instances
+from .mounts import mountinfo
 
 MIB = 1024 * 1024
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
@@ -119,25 +121,9 @@ def _rmdir(directory: Path) -> None:
         os.rmdir(directory)
 
 
-def pid_alive(pid: int) -> bool:
-    return Path(f"/proc/{pid}").exists()
-
-
-def _mountinfo() -> list[tuple[Path, str, list[str]]]:
-    """(mount point, fs type, super options) of every mount."""
-    mounts = []
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            pre, _, post = line.partition(" - ")
-            fields = post.split()
-            if len(fields) >= 3:
-                mounts.append((Path(pre.split()[4]), fields[0], fields[2].split(",")))
-    return mounts
-
-
 def v1_mounts() -> dict[str, Path]:
     found: dict[str, Path] = {}
-    for point, fstype, options in _mountinfo():
+    for point, fstype, options in mountinfo():
         if fstype == "cgroup":
             for controller in V1_CONTROLLERS:
                 if controller in options:
@@ -147,7 +133,7 @@ def v1_mounts() -> dict[str, Path]:
 
 def v2_mount() -> Path | None:
     """The unified hierarchy, when it offers memory and pids."""
-    for point, fstype, _ in _mountinfo():
+    for point, fstype, _ in mountinfo():
         if fstype == "cgroup2":
             try:
                 controllers = _read(point / "cgroup.controllers").split()
@@ -159,13 +145,8 @@ def v2_mount() -> Path | None:
 
 
 def reap_stale(tree: Path) -> None:
-    """Kill and remove ``tree/<pid>-*/<slot>`` cgroups whose server pid is gone."""
-    if not tree.is_dir():
-        return
-    for instance in tree.iterdir():
-        owner = instance.name.split("-", 1)[0]
-        if not instance.is_dir() or not owner.isdigit() or pid_alive(int(owner)):
-            continue
+    """Kill and remove ``tree/<pid>-*/<slot>`` cgroups whose server is gone."""
+    for instance in stale_instances(tree):
         for slot in instance.iterdir():
             if slot.is_dir():
                 _kill_loop(slot)
@@ -305,9 +286,9 @@ class V1Cgroups:
         for slot in list(self._all):
             self._retire(slot)
         self._free.clear()
-        for base in self._bases.values():
-            with contextlib.suppress(OSError):
-                _rmdir(base)
+        for directory in [*self._bases.values(), *self._trees.values()]:
+            with contextlib.suppress(OSError):  # the tree stays while another server uses it
+                _rmdir(directory)
 
 
 # --- v2 -----------------------------------------------------------------------------
@@ -387,8 +368,9 @@ class V2Cgroups:
         for slot in list(self._live):
             with contextlib.suppress(OSError):
                 self.release(slot)
-        with contextlib.suppress(OSError):
-            _rmdir(self._base)
+        for directory in (self._base, self._tree):
+            with contextlib.suppress(OSError):  # the tree stays while another server uses it
+                _rmdir(directory)
 
 
 def detect_cgroups(root_name: str, instance: str) -> V1Cgroups | V2Cgroups | None:

@@ -66,16 +66,23 @@ def unmount(target: Path) -> None:
     _check(_libc.umount2(os.fsencode(target), MNT_DETACH), target)
 
 
-def mount_points_under(directory: Path) -> list[Path]:
-    """Mount points strictly below ``directory``, deepest first."""
-    prefix = str(directory).rstrip("/") + "/"
-    found = []
+def mountinfo() -> list[tuple[Path, str, list[str]]]:
+    """(mount point, fs type, super options) of every mount we can see."""
+    mounts = []
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
         for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point.startswith(prefix):
-                found.append(Path(point))
-    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+            pre, _, post = line.partition(" - ")
+            fields = post.split()
+            if len(fields) >= 3:
+                point = Path(pre.split()[4].replace("\\040", " "))
+                mounts.append((point, fields[0], fields[2].split(",")))
+    return mounts
+
+
+def mount_points_under(directory: Path) -> list[Path]:
+    """Mount points strictly below ``directory``, deepest first."""
+    found = {point for point, _, _ in mountinfo() if directory in point.parents}
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
 
 
 def traversable_by(path: Path, uid: int, gid: int) -> bool:

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .base import SANDBOX_GID, SANDBOX_UID, SANDBOX_WORKDIR, Interpreter, Mount
-from .cgroups import pid_alive
+from .instance import stale_instances
 from .mounts import MS_BIND, bind_readonly, mount, mount_points_under, traversable_by, unmount
 
 HOSTNAME = "sandbox"
@@ -113,6 +113,7 @@ class RootFs:
         args += self._masks(Path(p) for p in sites)
         args += ["--proc", "/proc", "--dev", "/dev"]
         args += ["--perms", "1777", "--size", str(DEV_SHM_BYTES), "--tmpfs", "/dev/shm"]
+        args += ["--remount-ro", "/dev"]  # bwrap's /dev is an uncapped tmpfs otherwise
         return args
 
     def _masks(self, dirs: Iterable[Path]) -> list[str]:
@@ -150,6 +151,7 @@ class RootFs:
     def visible(self, path: Path, *, writable: bool = False) -> Path:
         """``path`` itself when the sandbox uid can reach it, else an alias it can
         reach (a bind mount, read-only unless ``writable``)."""
+        path = path.absolute()
         if not self.can_mount or traversable_by(path, self.uid, self.uid):
             return path
         alias = self._aliases.get((path, writable))
@@ -193,9 +195,5 @@ def _remove_state(state_dir: Path) -> None:
 
 def reap_stale_state(parent: Path) -> None:
     """Remove ``parent/<pid>-*`` state directories left by a server that died."""
-    if not parent.is_dir():
-        return
-    for d in parent.iterdir():
-        owner = d.name.split("-", 1)[0]
-        if d.is_dir() and owner.isdigit() and not pid_alive(int(owner)):
-            _remove_state(d)
+    for d in stale_instances(parent):
+        _remove_state(d)

@@ -69,7 +69,8 @@ class Workspaces:
             raise SandboxError(f"not a workspace of this backend: {workdir}")
         if not root.exists():
             return
-        unmount(root)
+        if self.tmpfs:
+            unmount(root)
         shutil.rmtree(root, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             root.rmdir()
@@ -81,11 +82,11 @@ class Workspaces:
 
 
 def chown_tree(top: Path, uid: int, gid: int) -> None:
-    """Give the sandbox user what the runner wrote as root (symlinks themselves included)."""
-    for dirpath, dirnames, filenames in os.walk(top):
-        for name in (*dirnames, *filenames):
-            path = os.path.join(dirpath, name)
-            if os.lstat(path).st_uid != uid:
-                os.lchown(path, uid, gid)
+    """Give the sandbox user what the runner wrote as root. Walks by directory fd and
+    never follows a symlink, so a link planted by an earlier run cannot redirect it."""
     if os.lstat(top).st_uid != uid:
         os.lchown(top, uid, gid)
+    for _, dirnames, filenames, dirfd in os.fwalk(top, follow_symlinks=False):
+        for name in (*dirnames, *filenames):
+            if os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_uid != uid:
+                os.chown(name, uid, gid, dir_fd=dirfd, follow_symlinks=False)

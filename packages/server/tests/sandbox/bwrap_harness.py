@@ -1,0 +1,178 @@
+"""The harness of the real-sandbox suite: runs a Python program in a started
+``BwrapBackend`` and then proves that no process of the run is left.
+
+Every run carries a unique marker in its environment; after the run returns,
+``/proc`` is scanned for it (``/proc/<pid>/environ`` survives fork, exec, setsid
+and daemonising), so each test also checks "nothing of the run remains".
+
+The fixtures are in conftest.py; tests import the helpers from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import textwrap
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+from python_executor_server.sandbox.base import (
+    CollectedOutput,
+    Interpreter,
+    Limits,
+    Mount,
+    OutputSink,
+    RunOutcome,
+    RunSpec,
+)
+from python_executor_server.sandbox.bwrap import BwrapBackend
+from python_executor_server.settings import Settings
+
+T = TypeVar("T")
+MARKER_VAR = "PYEXEC_TEST_MARKER"
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "HOME": "/work",
+    "LANG": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+def marker_pids(marker: str) -> list[int]:
+    """Host pids whose environment carries ``marker`` (zombies have none: not counted)."""
+    needle = f"{MARKER_VAR}={marker}".encode()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if needle in f.read():
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def host_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+@dataclass
+class Ran:
+    outcome: RunOutcome
+    output: CollectedOutput
+    workdir: Path
+    marker: str
+    elapsed: float
+
+    @property
+    def stdout(self) -> str:
+        return self.output.text("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self.output.text("stderr")
+
+
+@dataclass
+class Harness:
+    backend: BwrapBackend
+    interpreter: Interpreter
+    settings: Settings
+    workspaces: list[Path] = field(default_factory=list)
+
+    def limits(self, **overrides: Any) -> Limits:
+        values: dict[str, Any] = {
+            "timeout_seconds": 30,
+            "memory_mb": 256,
+            "disk_mb": 64,
+            "cpu_shares": 1024,
+            "pids": 64,
+            "network": False,
+            "output_cap_bytes": 8 * 1024 * 1024,
+        }
+        values.update(overrides)
+        return Limits(**values)
+
+    async def workspace(self, files: dict[str, str] | None = None, disk_mb: int = 64) -> Path:
+        work = await self.backend.create_workspace(f"exe_{uuid.uuid4()}", disk_mb)
+        self.workspaces.append(work)
+        for name, text in (files or {}).items():  # written as root, like the runner does
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            (work / name).write_text(text)
+        return work
+
+    def spec(
+        self,
+        work: Path,
+        *,
+        argv: tuple[str, ...] | None = None,
+        env: dict[str, str] | None = None,
+        marker: str = "",
+        stdin: bytes | None = None,
+        result_fd: int | None = None,
+        mounts: tuple[Mount, ...] = (),
+        **limits: Any,
+    ) -> RunSpec:
+        return RunSpec(
+            execution_id=work.parent.name,
+            workdir=work,
+            interpreter=self.interpreter,
+            argv=argv or (str(self.interpreter.executable), "-I", "/work/main.py"),
+            env={**BASE_ENV, **(env or {}), MARKER_VAR: marker},
+            limits=self.limits(**limits),
+            stdin=stdin,
+            result_fd=result_fd,
+            mounts=mounts,
+        )
+
+    async def run(
+        self,
+        code: str,
+        *,
+        files: dict[str, str] | None = None,
+        sink: OutputSink | None = None,
+        disk_mb: int = 64,
+        **options: Any,
+    ) -> Ran:
+        """Run ``code`` as /work/main.py; assert that no process of it survives."""
+        work = await self.workspace({"main.py": textwrap.dedent(code), **(files or {})}, disk_mb)
+        marker = uuid.uuid4().hex
+        spec = self.spec(work, marker=marker, disk_mb=disk_mb, **options)
+        output = CollectedOutput()
+        started = time.monotonic()
+        outcome = await self.backend.run(spec, sink or output)
+        elapsed = time.monotonic() - started
+        assert marker_pids(marker) == [], "a process of the run survived it"
+        return Ran(outcome, output, work, marker, elapsed)
+
+
+async def eventually(predicate: Callable[[], T], within: float = 20.0) -> T:
+    """Poll ``predicate`` until it returns something truthy (fail after ``within`` s)."""
+    with anyio.fail_after(within):
+        while True:
+            value = predicate()
+            if value:
+                return value
+            await anyio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def started_harness(settings: Settings, interpreter: Interpreter) -> AsyncIterator[Harness]:
+    backend = BwrapBackend(settings, {interpreter.version: interpreter})
+    await backend.start()
+    harness = Harness(backend, interpreter, settings)
+    try:
+        yield harness
+    finally:
+        for work in harness.workspaces:
+            await backend.remove_workspace(work)
+        await backend.close()
