@@ -176,7 +176,7 @@ def _failure(outcome: RunOutcome, job: Job) -> str | None:
     if outcome.oom_killed:
         return (
             f"memory limit exceeded: the program used more than {job.limits.memory_mb} MB "
-            "and was killed"
+            "(files it wrote to /work and /tmp count too) and was killed"
         )
     return None
 
