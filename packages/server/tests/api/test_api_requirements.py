@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -77,7 +78,13 @@ def test_run_stays_offline_after_install(client: httpx2.Client) -> None:
     listener.listen(1)
     port = listener.getsockname()[1]
     accepted: list[object] = []
-    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # closed by the test when the run is over
+            accepted.append(listener.accept())
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
     code = (
         "import six, socket\n"
         "try:\n"
@@ -87,6 +94,8 @@ def test_run_stays_offline_after_install(client: httpx2.Client) -> None:
         "    print('refused', type(exc).__name__)\n"
     )
     body = eval_(client, code, requirements_txt="six")
+    listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+    thread.join(5)
     listener.close()
     assert body["stdout"].startswith("refused"), body
     assert not accepted
