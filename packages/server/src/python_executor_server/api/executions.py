@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from python_executor_client.models import (
+    ErrorResponse,
     EvalRequest,
     ExecutionList,
     ExecutionResult,
@@ -28,7 +30,13 @@ from ..upload.multipart import receive_exec_upload
 from ..upload.tarsafe import extract_tar
 from .deps import Services, services
 
-router = APIRouter(prefix="/api/v1", tags=["executions"])
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Invalid request (the error names what)."},
+    404: {"model": ErrorResponse, "description": "Unknown execution id."},
+    413: {"model": ErrorResponse, "description": "Body or code over the configured maximum."},
+    503: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` s."},
+}
+router = APIRouter(prefix="/api/v1", tags=["executions"], responses=_ERRORS)
 
 _MULTIPART_BODY = {
     "requestBody": {

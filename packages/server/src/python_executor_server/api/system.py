@@ -21,7 +21,7 @@ async def health(request: Request) -> dict[str, Any]:
     return {
         "status": "ok",
         "version": __version__,
-        "queue_depth": svc.service.queue.depth(),
+        "queue_depth": await svc.service.queue.depth(),
         "running": svc.service.running_count(),
         **svc.health,
         "sandbox": svc.backend.describe(),
@@ -31,7 +31,7 @@ async def health(request: Request) -> dict[str, Any]:
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     svc = services(request)
-    svc.metrics.queue_depth.set(svc.service.queue.depth())
+    svc.metrics.queue_depth.set(await svc.service.queue.depth())
     return Response(generate_latest(svc.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
