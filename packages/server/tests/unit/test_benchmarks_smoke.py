@@ -1,0 +1,90 @@
+"""benchmarks/run.py's helpers on fixed inputs: percentiles, bounded loops, the table and
+the target checks. No timings are asserted; nothing is started."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[4] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench() -> Iterator[ModuleType]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))  # run.py imports its pyexec_bench package
+        spec = importlib.util.spec_from_file_location("pyexec_bench_run", BENCHMARKS / "run.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    for name in [n for n in sys.modules if n == "pyexec_bench" or n.startswith("pyexec_bench.")]:
+        del sys.modules[name]
+
+
+def test_percentile_interpolates_between_ranks(bench: ModuleType) -> None:
+    assert bench.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert bench.percentile([7.0], 99) == 7.0
+    assert bench.percentile([float(i) for i in range(1, 101)], 99) == pytest.approx(99.01)
+    assert bench.percentile([1.0, 2.0, 3.0], 0) == 1.0
+    assert bench.percentile([1.0, 2.0, 3.0], 100) == 3.0
+
+
+@pytest.mark.parametrize(("samples", "q"), [([], 50), ([1.0], -1), ([1.0], 101)])
+def test_percentile_rejects_bad_input(bench: ModuleType, samples: list[float], q: float) -> None:
+    with pytest.raises(ValueError):
+        bench.percentile(samples, q)
+
+
+def test_summarize(bench: ModuleType) -> None:
+    summary = bench.summarize([3.0, 1.0, 2.0])
+    assert (summary.n, summary.p50, summary.mean, summary.min, summary.max) == (3, 2, 2, 1, 3)
+
+
+def test_bounded_stops_at_the_count_and_always_runs_once(bench: ModuleType) -> None:
+    assert list(bench.bounded(count=3, seconds=3600)) == [0, 1, 2]
+    assert list(bench.bounded(count=1_000_000, seconds=0)) == [0]
+
+
+def _rows(bench: ModuleType) -> list[object]:
+    row = bench.Row
+    return [
+        row("bare", "bare python", latency=bench.summarize([10.0, 10.0, 10.0])),
+        row("eval", "eval hello", latency=bench.summarize([5.0, 5.0, 20.0]), baseline="bare"),
+        row("bare_parallel", "bare x8", value=300.0, unit="runs/s"),
+        row("throughput", "8 clients", value=150.0, unit="runs/s", baseline="bare_parallel"),
+        row("docker", "docker run", skipped="no Docker engine answers"),
+    ]
+
+
+def test_markdown_table(bench: ModuleType) -> None:
+    lines = bench.markdown_table(_rows(bench)).splitlines()
+    assert lines[0].startswith("| Benchmark | n | p50 | p99 |")
+    assert len(lines) == 2 + 5
+    eval_line = next(line for line in lines if line.startswith("| eval hello"))
+    assert "| 5.00 ms |" in eval_line
+    assert "| 0.50x / 1.97x |" in eval_line  # p50 5 / 10, p99 19.7 / 10
+    assert "| 150 runs/s |" in next(line for line in lines if line.startswith("| 8 clients"))
+    assert "| 0.50x |" in next(line for line in lines if line.startswith("| 8 clients"))
+    assert "skipped: no Docker engine answers" in lines[-1]
+
+
+def test_targets(bench: ModuleType) -> None:
+    found = {t.name: t for t in bench.check_targets(_rows(bench))}
+    assert found["eval hello p50 vs a bare interpreter start (p50)"].ok is True
+    assert found["executions/s with 8 concurrent clients"].ok is True
+    assert found["server idle RSS"].ok is None  # not measured
+    assert "not measured" in bench.targets_table(list(found.values()))
+
+
+def test_only_accepts_known_scenarios(bench: ModuleType) -> None:
+    assert bench.parse_args(["--only", "eval,throughput", "--quick"]).only == [
+        {"eval", "throughput"}
+    ]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--only", "no-such-scenario"])
