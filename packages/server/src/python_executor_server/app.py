@@ -24,18 +24,11 @@ from .api import executions, system
 from .api.deps import Services
 from .api.limits import BodySizeLimit
 from .errors import ExecutorError, QueueFull
-from .execution.environments import EnvironmentCache
-from .execution.interpreters import default_version, discover_interpreters
+from .execution.interpreters import default_version
 from .execution.jobs import JobBuilder
-from .execution.metrics import Metrics
-from .execution.runner import Runner
-from .execution.service import ExecutionService
 from .logs import get_logger
-from .queue import create_queue
-from .sandbox import create_backend
-from .sandbox.base import SandboxBackend
+from .node import running_node
 from .settings import Settings
-from .store import create_store
 
 log = get_logger("python_executor.app")
 
@@ -75,38 +68,35 @@ def _swagger_dir() -> Path:
 def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        interpreters = discover_interpreters(settings)
-        backend = create_backend(settings, interpreters)
-        await backend.start()
-        metrics = Metrics()
-        runner = Runner(settings, backend, interpreters, _environments(settings, backend))
-        service = ExecutionService(
-            settings, create_store(settings), create_queue(settings), runner, metrics
-        )
-        await service.start()
-        health = {
-            "backend": backend.name,
-            "store": settings.store,
-            "python_versions": list(interpreters),
-            "default_python": default_version(settings, interpreters) if interpreters else None,
-        }
-        app.state.services = Services(
-            settings, service, JobBuilder(settings, interpreters), backend, metrics, health
-        )
-        log.info(
-            "server ready", backend=backend.name, store=settings.store, pythons=list(interpreters)
-        )
-        try:
+        async with running_node(settings) as node:
+            interpreters, backend = node.interpreters, node.backend
+            health = {
+                "backend": backend.name,
+                "store": settings.store,
+                "queue": settings.queue,
+                "node_id": node.node_id,
+                "runs_executions": settings.run_workers,
+                "python_versions": list(interpreters),
+                "default_python": default_version(settings, interpreters) if interpreters else None,
+            }
+            app.state.services = Services(
+                settings,
+                node.service,
+                JobBuilder(settings, interpreters),
+                backend,
+                node.metrics,
+                health,
+            )
+            log.info(
+                "server ready",
+                backend=backend.name,
+                store=settings.store,
+                queue=settings.queue,
+                pythons=list(interpreters),
+            )
             yield
-        finally:
-            await service.close()
-            await backend.close()
 
     return lifespan
-
-
-def _environments(settings: Settings, backend: SandboxBackend) -> EnvironmentCache:
-    return EnvironmentCache(settings, backend)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

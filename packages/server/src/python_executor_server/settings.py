@@ -54,6 +54,26 @@ class Settings(BaseSettings):
     max_concurrent: int = Field(default_factory=_default_workers)
     max_queue: int = Field(100, description="Executions waiting beyond the running ones.")
     retry_after_seconds: int = 1
+    run_workers: bool = Field(
+        True,
+        description="Run executions in this process; false makes `serve` an API-only node "
+        "that only enqueues (needs queue=redis and `python-executor-server worker` nodes).",
+    )
+    node_id: str | None = Field(
+        None,
+        description="This node's identity in the Redis queue (default <hostname>-<pid>). A stable "
+        "one lets a restarted worker settle what its previous life left at once.",
+    )
+    redis_lease_seconds: float = Field(
+        10, gt=0, description="A node silent this long is presumed dead; its runs fail."
+    )
+    redis_max_project_bytes: int = Field(
+        256 * 1024 * 1024,
+        description="Largest exec project (as a tar) moved through Redis to a worker; more: 413.",
+    )
+    redis_project_ttl: int = Field(
+        86400, description="Seconds a project waits in Redis for a worker to take it."
+    )
 
     # --- sandbox ------------------------------------------------------------
     sandbox: Literal["bwrap", "docker"] = "bwrap"
@@ -64,6 +84,10 @@ class Settings(BaseSettings):
     cgroup_root: str = Field(
         "python-executor", description="Name of our cgroup subtree under each hierarchy."
     )
+    pool_enabled: bool = Field(True, description="bwrap: keep sandboxes started ahead of runs.")
+    pool_size: int = Field(2, ge=0, description="bwrap: pre-started sandboxes kept per key.")
+    pool_max_keys: int = Field(4, description="bwrap: (interpreter, network, ...) kept warm.")
+    pool_refill_concurrency: int = Field(2, description="bwrap: sandboxes pre-starting at once.")
 
     # --- limits: defaults and maxima -----------------------------------------
     default_timeout: int = 300

@@ -4,6 +4,14 @@ Front doors (HTTP routes, the MCP tools, a queue worker) call this and
 nothing else. Every status change goes through ``_transition``, which checks
 it against ``states`` and applies it with a compare-and-set in the store.
 
+The same service runs on every node. With the local queue everything happens
+in this process. With the Redis queue an API node records and enqueues, a
+worker node (``python-executor-server worker``) takes and runs, and the
+``Bus`` carries the rest between them: kills reach the node running the
+execution, finishes wake waiters on every node (which also re-read the store
+every second), output is streamed to followers anywhere, and exec projects
+travel from the API node to the worker.
+
 Usage::
 
     service = ExecutionService(settings, store, queue, runner, builder)
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -23,17 +32,22 @@ from pathlib import Path
 import structlog
 from python_executor_client.models import ExecutionStatus
 
-from ..errors import InvalidTransition, NotFound, QueueFull
-from ..queue.base import JobQueue
+from ..errors import ExecutorError, InvalidTransition, NotFound, QueueFull
+from ..queue.base import Bus, JobQueue
+from ..queue.local import LocalBus
 from ..settings import Settings
 from ..store.base import ExecutionRecord, StateStore, utcnow
 from . import states
 from .jobs import Job
 from .metrics import Metrics
-from .output import LogEvent, OutputCapture
+from .output import STREAMS, LogEvent, OutputCapture
 from .runner import Runner, RunReport
 
 log = structlog.get_logger("python_executor.service")
+
+POLL_SECONDS = 1.0  # waiters re-read the store this often, in case a finish notice was lost
+KILL_ATTEMPTS = 5  # a kill is re-sent each second until the record is finished
+WORKER_LOST = "worker lost: the node running it stopped before it finished"
 
 
 class ExecutionService:
@@ -44,27 +58,33 @@ class ExecutionService:
         queue: JobQueue,
         runner: Runner,
         metrics: Metrics,
+        bus: Bus | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.queue = queue
         self.runner = runner
         self.metrics = metrics
+        self.bus: Bus = bus if bus is not None else LocalBus()
         self._live: dict[str, OutputCapture] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._finished: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._killing: set[str] = set()
         self._retention: asyncio.Task[None] | None = None
 
     # --- start / stop -------------------------------------------------------
     async def start(self) -> None:
         await self.store.open()
-        interrupted = await self.store.fail_unfinished("server restarted")
-        if interrupted:
-            log.warning("failed executions interrupted by a restart", count=len(interrupted))
+        if self.queue.exclusive:
+            # Only this process runs this store's executions: unfinished ones died with it.
+            # (A shared queue settles a dead node's executions itself: see ``lost``.)
+            interrupted = await self.store.fail_unfinished("server restarted")
+            if interrupted:
+                log.warning("failed executions interrupted by a restart", count=len(interrupted))
         await asyncio.to_thread(shutil.rmtree, self.uploads_dir, True)
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        await self.queue.start(self.execute)
+        await self.bus.start(on_kill=self.cancel_local, on_finished=self.notify_local)
+        await self.queue.start(self.execute, self.lost)
         self._retention = asyncio.create_task(self._retention_loop(), name="retention")
 
     async def close(self) -> None:
@@ -72,10 +92,11 @@ class ExecutionService:
             self._retention.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._retention
+        await self.queue.close()  # takes no more work; cancels the runs it handed out
         for task in list(self._tasks.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
-        await self.queue.close()
+        await self.bus.close()
         await self.store.close()
 
     @property
@@ -88,15 +109,24 @@ class ExecutionService:
     # --- submit / wait ------------------------------------------------------
     async def submit(self, job: Job, execution_id: str | None = None) -> ExecutionRecord:
         """Record a pending execution and enqueue it; 503 when the queue is full."""
-        if self.queue.full():
+        if await self.queue.full():
             self._discard_staging(execution_id)
             raise QueueFull("the queue is full; retry later", self.settings.retry_after_seconds)
         record = ExecutionRecord.new(job.to_dict(), execution_id)
-        self._finished[record.execution_id] = asyncio.Event()
+        try:
+            # Once the bus holds the project, the local copy goes, before any local worker
+            # could unpack the bus's copy into the same staging dir.
+            if await self.bus.ship_project(record.execution_id, job):
+                self._discard_staging(record.execution_id)
+        except BaseException:
+            self._discard_staging(record.execution_id)
+            raise
         await self.store.create(record)
         try:
             await self.queue.put(record.execution_id)
         except QueueFull:
+            self._discard_staging(record.execution_id)
+            await self.bus.drop_project(record.execution_id)
             await self._finish(
                 record, RunReport(states.FAILED, error="rejected: the queue was full")
             )
@@ -109,18 +139,39 @@ class ExecutionService:
         return await self.wait(record.execution_id)
 
     async def wait(self, execution_id: str) -> ExecutionRecord:
-        """The record once it is finished."""
-        event = self._finished.get(execution_id)
-        if event is not None:
-            await event.wait()
-        else:
-            await self._poll_until_finished(execution_id)
-        return await self.get(execution_id)
+        """The record once it is finished, wherever it runs.
 
-    async def _poll_until_finished(self, execution_id: str) -> None:
-        # Another process may be running it: the store is the only shared truth.
-        while not (await self.get(execution_id)).status.finished:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
+        Woken by a finish on this node or (through the bus) on another; the store
+        is re-read every ``POLL_SECONDS`` anyway, as the only shared truth.
+        """
+        while True:
+            waiter = self._add_waiter(execution_id)  # before reading: no finish slips between
+            try:
+                record = await self.get(execution_id)
+                if record.status.finished:
+                    return record
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiter, POLL_SECONDS)
+            finally:
+                self._drop_waiter(execution_id, waiter)
+
+    def _add_waiter(self, execution_id: str) -> asyncio.Future[None]:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(execution_id, set()).add(waiter)
+        return waiter
+
+    def _drop_waiter(self, execution_id: str, waiter: asyncio.Future[None]) -> None:
+        waiters = self._waiters.get(execution_id)
+        if waiters is not None:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._waiters[execution_id]
+
+    def notify_local(self, execution_id: str) -> None:
+        """Wake this node's waiters for ``execution_id`` (also the bus's finish handler)."""
+        for waiter in self._waiters.pop(execution_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
 
     # --- queries ------------------------------------------------------------
     async def get(self, execution_id: str) -> ExecutionRecord:
@@ -143,40 +194,75 @@ class ExecutionService:
         record = await self.get(execution_id)
         if record.status == states.PENDING:
             if await self._transition(record, states.KILLED, finished_at=utcnow()):
-                self._finished_event(execution_id)
+                await self.bus.drop_project(execution_id)
+                await self._announce_finished(execution_id)
                 return states.KILLED
             record = await self.get(execution_id)
+        if record.status == states.RUNNING:
+            return await self._kill_running(execution_id)
+        return record.status
+
+    async def _kill_running(self, execution_id: str) -> ExecutionStatus:
+        """Cancel it here, or ask the node that runs it (again each second, for 5 s)."""
+        for _ in range(KILL_ATTEMPTS):
+            if not self.cancel_local(execution_id):
+                await self.bus.publish_kill(execution_id)
+            with contextlib.suppress(TimeoutError):
+                return (await asyncio.wait_for(self.wait(execution_id), 1)).status
+        return (await self.get(execution_id)).status
+
+    def cancel_local(self, execution_id: str) -> bool:
+        """Cancel the run if this node runs it (also the bus's kill handler); True if it does."""
         task = self._tasks.get(execution_id)
-        if record.status == states.RUNNING and task is not None:
+        if task is None:
+            return False
+        if execution_id not in self._killing:  # cancel once: a second one would hit _finish
             self._killing.add(execution_id)
             task.cancel()
-            await asyncio.wait([task], timeout=5)
-            return (await self.get(execution_id)).status
-        return record.status
+        return True
 
     # --- live output --------------------------------------------------------
     async def follow(self, execution_id: str) -> AsyncIterator[LogEvent | ExecutionRecord]:
-        """Output events as they are produced, then the final record."""
+        """Output events from the start, as they are produced, then the final record.
+
+        Whatever the live stream did not deliver (it finished before we could
+        follow it, its node died) is sent from the final record.
+        """
+        record = await self.get(execution_id)
+        seen: dict[str, list[str]] = {stream: [] for stream in STREAMS}
+        if not record.status.finished:
+            async for event in self._live_output(execution_id):
+                seen[event.stream].append(event.text)
+                yield event
+            record = await self.wait(execution_id)
+        for stream in STREAMS:
+            rest = _unseen(getattr(record, stream), "".join(seen[stream]))
+            if rest:
+                yield LogEvent(stream, rest)
+        yield record
+
+    def _live_output(self, execution_id: str) -> AsyncIterator[LogEvent]:
+        finished = functools.partial(self._is_finished, execution_id)
+        remote = self.bus.follow_output(execution_id, finished)
+        return remote if remote is not None else self._local_output(execution_id)
+
+    async def _local_output(self, execution_id: str) -> AsyncIterator[LogEvent]:
         record = await self.get(execution_id)
         while record.status == states.PENDING and execution_id not in self._live:
             await asyncio.sleep(0.05)
             record = await self.get(execution_id)
         capture = self._live.get(execution_id)
-        if capture is not None:
-            queue = capture.subscribe()
-            try:
-                while (event := await queue.get()) is not None:
-                    yield event
-            finally:
-                capture.unsubscribe(queue)
-            yield await self.wait(execution_id)
+        if capture is None:
             return
-        record = await self.wait(execution_id)
-        for stream in ("stdout", "stderr"):
-            text = getattr(record, stream)
-            if text:
-                yield LogEvent(stream, text)
-        yield record
+        queue = capture.subscribe()
+        try:
+            while (event := await queue.get()) is not None:
+                yield event
+        finally:
+            capture.unsubscribe(queue)
+
+    async def _is_finished(self, execution_id: str) -> bool:
+        return (await self.get(execution_id)).status.finished
 
     # --- the worker side ----------------------------------------------------
     async def execute(self, execution_id: str) -> None:
@@ -192,23 +278,25 @@ class ExecutionService:
             raise
         finally:
             self._tasks.pop(execution_id, None)
+            self._killing.discard(execution_id)
 
     async def _execute(self, execution_id: str) -> None:
         record = await self.store.get(execution_id)
         if record is None or record.status != states.PENDING:
-            self._discard_staging(execution_id)
+            await self._abandon(execution_id)
             return
         running = record.evolve(status=states.RUNNING, started_at=utcnow())
         if not await self._transition(record, states.RUNNING, started_at=running.started_at):
-            self._discard_staging(execution_id)
+            await self._abandon(execution_id)
             return
         self.metrics.running.inc()
         capture = OutputCapture(self.settings.output_cap_bytes)
         self._live[execution_id] = capture
+        publishing = asyncio.create_task(self.bus.publish_output(execution_id, capture))
         logger = log.bind(execution_id=execution_id)
         logger.info("execution started")
         try:
-            report = await self.runner.run(execution_id, Job.from_dict(record.request), capture)
+            report = await self._run(execution_id, Job.from_dict(record.request), capture)
         except asyncio.CancelledError:
             report = self._cancelled(execution_id)
         except Exception as exc:  # a bug or a broken sandbox: never leave it running
@@ -219,17 +307,45 @@ class ExecutionService:
             self._live.pop(execution_id, None)
             capture.close()
             self._discard_staging(execution_id)
+        await _settle(publishing)
         final = await self._finish(running, report, capture)
         logger.info("execution finished", status=final.status.value, exit_code=final.exit_code)
+
+    async def _run(self, execution_id: str, job: Job, capture: OutputCapture) -> RunReport:
+        try:
+            job = await self.bus.fetch_project(execution_id, job, self.staging_dir(execution_id))
+        except ExecutorError as exc:
+            return RunReport(states.FAILED, error=exc.message)
+        return await self.runner.run(execution_id, job, capture)
+
+    async def _abandon(self, execution_id: str) -> None:
+        """Not ours to run (killed while pending, or taken twice): leave no files behind."""
+        self._discard_staging(execution_id)
+        record = await self.store.get(execution_id)
+        if record is None or record.status.finished:
+            await self.bus.drop_project(execution_id)
 
     def _cancelled(self, execution_id: str) -> RunReport:
         task = asyncio.current_task()
         if execution_id in self._killing:
-            self._killing.discard(execution_id)
             if task is not None:
                 task.uncancel()
             return RunReport(states.KILLED, error="killed by request")
         return RunReport(states.FAILED, error="server shutting down")
+
+    async def lost(self, execution_id: str) -> bool:
+        """A node died holding this id (shared queue): True to queue it again.
+
+        A pending one never started and runs again. A running one is failed, not
+        re-run: the user's code may have had effects, or may be what killed the node.
+        """
+        record = await self.store.get(execution_id)
+        if record is None or record.status.finished:
+            return False
+        if record.status == states.PENDING:
+            return True
+        await self._finish(record, RunReport(states.FAILED, error=WORKER_LOST))
+        return False
 
     async def _finish(
         self, running: ExecutionRecord, report: RunReport, capture: OutputCapture | None = None
@@ -257,7 +373,7 @@ class ExecutionService:
         with contextlib.suppress(InvalidTransition):
             await self._transition(running, report.status, **changes)
         self.metrics.finished.labels(status=report.status.value).inc()
-        self._finished_event(running.execution_id)
+        await self._announce_finished(running.execution_id)
         return await self.get(running.execution_id)
 
     async def _transition(
@@ -270,10 +386,9 @@ class ExecutionService:
             record.execution_id, sources, record.evolve(status=target, **changes)
         )
 
-    def _finished_event(self, execution_id: str) -> None:
-        event = self._finished.pop(execution_id, None)
-        if event is not None:
-            event.set()
+    async def _announce_finished(self, execution_id: str) -> None:
+        self.notify_local(execution_id)
+        await self.bus.publish_finished(execution_id)
 
     def _discard_staging(self, execution_id: str | None) -> None:
         if execution_id is not None:
@@ -289,3 +404,17 @@ class ExecutionService:
                 await self.runner.discard_workspace(execution_id)
             if removed:
                 log.info("retention removed finished executions", count=len(removed))
+
+
+async def _settle(publishing: asyncio.Task[None]) -> None:
+    """Let the last output reach followers on other nodes (5 s at most); never fail a run for it."""
+    done, _ = await asyncio.wait([publishing], timeout=5)
+    if not done:
+        publishing.cancel()
+    elif not publishing.cancelled() and publishing.exception() is not None:
+        log.warning("output publishing failed", error=str(publishing.exception()))
+
+
+def _unseen(full: str, seen: str) -> str:
+    """The part of ``full`` a follower was not sent, when what it was sent is a prefix of it."""
+    return full[len(seen) :] if full.startswith(seen) else ""
