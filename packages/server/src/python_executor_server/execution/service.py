@@ -75,6 +75,14 @@ class ExecutionService:
     # --- start / stop -------------------------------------------------------
     async def start(self) -> None:
         await self.store.open()
+        try:
+            await self._start_after_store()
+        except BaseException:
+            # A half-started node must still exit: the store's thread would keep it alive.
+            await self.store.close()
+            raise
+
+    async def _start_after_store(self) -> None:
         if self.queue.exclusive:
             # Only this process runs this store's executions: unfinished ones died with it.
             # (A shared queue settles a dead node's executions itself: see ``lost``.)
