@@ -5,6 +5,12 @@ Every run carries a unique marker in its environment; after the run returns,
 ``/proc`` is scanned for it (``/proc/<pid>/environ`` survives fork, exec, setsid
 and daemonising), so each test also checks "nothing of the run remains".
 
+Runs through the eval driver (``run_driver``), as the runner makes them, can be
+handed to a pre-started sandbox of the backend's pool. The driver process itself
+keeps the environment it was launched with (the job's is set inside it), and so
+do the children it forks without exec: for those runs the harness also checks
+that no process is left in the run's pid namespace.
+
 The fixtures are in conftest.py; tests import the helpers from here.
 """
 
@@ -16,11 +22,12 @@ import textwrap
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+from python_executor_server.execution import driver
 from python_executor_server.sandbox.base import (
     CollectedOutput,
     Interpreter,
@@ -31,6 +38,7 @@ from python_executor_server.sandbox.base import (
     RunSpec,
 )
 from python_executor_server.sandbox.bwrap import BwrapBackend
+from python_executor_server.sandbox.workspace import POOL_PREFIX
 from python_executor_server.settings import Settings
 
 T = TypeVar("T")
@@ -57,6 +65,26 @@ def marker_pids(marker: str) -> list[int]:
                     found.append(int(entry.name))
         except OSError:
             continue
+    return found
+
+
+def pid_namespace(pid: int) -> int:
+    return os.stat(f"/proc/{pid}/ns/pid").st_ino
+
+
+def namespace_pids(namespace: int) -> list[int]:
+    """Host pids of the processes in the pid namespace ``namespace`` (an nsfs inode)
+    that can still run code. Not counted: zombies, and processes in the last steps of
+    exiting (their memory is gone already: no ``VmSize``)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry.name}/ns/pid").st_ino != namespace:
+                    continue
+                status = host_status(int(entry.name))
+                if status.get("State", "Z")[0] not in "ZX" and "VmSize" in status:
+                    found.append(int(entry.name))
     return found
 
 
@@ -153,6 +181,78 @@ class Harness:
         elapsed = time.monotonic() - started
         assert marker_pids(marker) == [], "a process of the run survived it"
         return Ran(outcome, output, work, marker, elapsed)
+
+
+def driver_spec(
+    harness: Harness,
+    *,
+    marker: str,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    args: tuple[str, ...] = (),
+    eval_last_expr: bool = False,
+    pre_commands: tuple[str, ...] = (),
+    **limits: Any,
+) -> RunSpec:
+    """What the runner builds: the eval driver, pre-startable; its workdir comes later."""
+    python = str(harness.interpreter.executable)
+    argv = driver.driver_argv(
+        python,
+        entrypoint="/work/main.py",
+        args=args,
+        eval_last_expr=eval_last_expr,
+        pre_commands=pre_commands,
+        result_fd=driver.RESULT_FD,
+    )
+    path = f"{harness.interpreter.prefix}/bin:{BASE_ENV['PATH']}"
+    return RunSpec(
+        execution_id=f"exe_{uuid.uuid4()}",
+        workdir=Path("/work"),
+        interpreter=harness.interpreter,
+        argv=argv,
+        env={**BASE_ENV, "PATH": path, **(env or {}), MARKER_VAR: marker},
+        limits=harness.limits(**limits),
+        stdin=stdin,
+        result_fd=driver.RESULT_FD,
+        prestart=driver.PRESTART,
+    )
+
+
+async def run_driver(
+    harness: Harness,
+    code: str,
+    *,
+    pooled: bool,
+    files: dict[str, str] | None = None,
+    sink: OutputSink | None = None,
+    **options: Any,
+) -> Ran:
+    """Run ``code`` as /work/main.py through the driver: in a sandbox of the pool
+    (``pooled``, waiting until one is ready) or cold. Asserts that nothing of it is left."""
+    marker = uuid.uuid4().hex
+    spec = driver_spec(harness, marker=marker, **options)
+    backend = harness.backend
+    if pooled:
+        assert await backend.wait_warm(spec), "the pool never got a sandbox ready"
+    disk = spec.limits.disk_mb
+    work = await backend.create_workspace(spec.execution_id, disk, spec if pooled else None)
+    harness.workspaces.append(work)
+    namespace = None
+    if pooled:
+        assert work.parent.name.startswith(POOL_PREFIX), "not handed a pre-started sandbox"
+        namespace = pid_namespace(backend._claimed[work].box.init.pid)  # type: ignore[union-attr]
+    for name, text in {"main.py": textwrap.dedent(code), **(files or {})}.items():
+        (work / name).parent.mkdir(parents=True, exist_ok=True)
+        (work / name).write_text(text)
+    output = CollectedOutput()
+    started = time.monotonic()
+    outcome = await backend.run(replace(spec, workdir=work), sink or output)
+    elapsed = time.monotonic() - started
+    assert marker_pids(marker) == [], "a process of the run survived it"
+    if namespace is not None:
+        left = {pid: host_status(pid).get("State") for pid in namespace_pids(namespace)}
+        assert left == {}, f"processes left in the run's pid namespace: {left}"
+    return Ran(outcome, output, work, marker, elapsed)
 
 
 async def eventually(predicate: Callable[[], T], within: float = 20.0) -> T:

@@ -139,7 +139,7 @@ async def test_exit_codes_and_signals(docker_backend: DockerBackend) -> None:
     outcome, _ = await run(
         docker_backend, await make_spec(docker_backend, "import os; os.kill(os.getpid(), 9)")
     )
-    assert (outcome.exit_code, outcome.oom_killed, outcome.timed_out) == (-9, False, False)
+    assert (outcome.exit_code, outcome.oom_killed, outcome.timed_out) == (137, False, False)
 
 
 async def test_traceback_goes_to_stderr(docker_backend: DockerBackend) -> None:

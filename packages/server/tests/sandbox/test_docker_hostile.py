@@ -64,7 +64,7 @@ async def test_memory_bomb_is_oom_killed(docker_backend: DockerBackend, docker_a
     code = "print('start', flush=True)\nhog = []\nwhile True:\n    hog.append(bytearray(8 << 20))\n"
     spec = await make_spec(docker_backend, code, memory_mb=64)
     outcome, out = await run(docker_backend, spec)
-    assert outcome.oom_killed and outcome.exit_code == -9, (outcome, out.text("stderr"))
+    assert outcome.oom_killed and outcome.exit_code == 137, (outcome, out.text("stderr"))
     assert out.text("stdout") == "start\n"  # partial output kept
     assert wait_gone(docker_api, spec.execution_id) == []
 
@@ -73,7 +73,7 @@ async def test_memory_in_tmpfs_counts_too(docker_backend: DockerBackend) -> None
     code = "f = open('/tmp/big', 'wb')\nwhile True:\n    f.write(b'x' * (1 << 20)); f.flush()\n"
     spec = await make_spec(docker_backend, code, memory_mb=64, disk_mb=512)
     outcome, _ = await run(docker_backend, spec)
-    assert outcome.oom_killed and outcome.exit_code == -9, outcome
+    assert outcome.oom_killed and outcome.exit_code == 137, outcome
 
 
 async def test_pids_limit_stops_forking(docker_backend: DockerBackend) -> None:

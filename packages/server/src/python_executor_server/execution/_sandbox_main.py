@@ -3,6 +3,14 @@
 The host runs it as ``-c`` source (see ``driver.py``), so nothing has to be mounted::
 
     python -I -c <this> [--result-fd N] [--eval] [--pre CMD]... [--path DIR]... -- main.py ARG...
+    python -I -c <this> --job-fd N
+
+The second form is how the bwrap backend starts it, ahead of the request when it can
+(``sandbox/base.py``): it writes one byte to the socket N (ready), blocks until the job
+arrives there (the options above and the whole environment, ``base.encode_job``), makes
+``os.environ`` exactly the job's environment and goes on as the first form would. A run
+from the pool and a cold run both pass through here: they differ only in how long the
+process waited.
 
 Standard library only; Python 3.10+ (3.7+ works too, for old images). It runs the
 pre-commands, then the entrypoint as ``__main__`` exactly as ``python main.py ARG...`` would
@@ -42,7 +50,10 @@ _report: dict[str, object] = {
 
 
 def main() -> None:
-    options, (entrypoint, *args) = _options(sys.argv[1:])
+    argv = sys.argv[1:]
+    if argv[:1] == ["--job-fd"]:
+        argv = _receive_job(int(argv[1]))
+    options, (entrypoint, *args) = _options(argv)
     if "--result-fd" in options:
         _open_channel(int(options["--result-fd"][-1]))
     _honour_environment()
@@ -62,6 +73,52 @@ def _options(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
             options.setdefault(argv[i], []).append(argv[i + 1])
             i += 2
     return options, argv[i + 1 :]
+
+
+# --- the job ----------------------------------------------------------------------------
+
+
+def _receive_job(fd: int) -> list[str]:
+    """Signal ready, wait for the job, take its environment; its arguments are returned."""
+    # Making the AST classes takes as long as the rest of an eval run: a sandbox started
+    # ahead does it before it waits (every run in job mode does: they must not differ).
+    import _ast  # noqa: F401
+    import gc
+
+    # The collection at exit would walk every object of the interpreter's start-up
+    # (more than half of a small run's exit time); those stay alive to the end anyway.
+    gc.freeze()
+
+    try:  # noqa: SIM105  (contextlib is not loaded: keep start-up lean)
+        os.write(fd, b".")
+    except OSError:
+        pass  # the server does not care (it sent the job at once) or is gone (read says)
+    fields = _read_job(fd).decode("utf-8", "surrogateescape").split("\0")
+    os.close(fd)  # before any code of the program: it never sees the socket
+    count = int(fields[0])
+    os.environ.clear()  # unsetenv() each: the C environment too, for what the program starts
+    for item in fields[1 + count :]:
+        key, _, value = item.partition("=")
+        os.environ[key] = value
+    return fields[1 : 1 + count]
+
+
+def _read_job(fd: int) -> bytes:
+    """``<length>\\n<body>``; the socket closing first means the sandbox is being discarded."""
+    data = b""
+    while b"\n" not in data:
+        data += _read_some(fd, 4096)
+    size, _, body = data.partition(b"\n")
+    while len(body) < int(size):
+        body += _read_some(fd, int(size) - len(body))
+    return body
+
+
+def _read_some(fd: int, count: int) -> bytes:
+    chunk = os.read(fd, count)
+    if not chunk:
+        raise SystemExit(125)
+    return chunk
 
 
 # --- the report channel ---------------------------------------------------------------

@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import ast
+import functools
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import PurePosixPath
@@ -113,6 +114,7 @@ def local_module_names(sources: Mapping[str, str]) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.cache  # every eval run asks, for one of a few versions
 def stdlib_module_names(python_version: str) -> frozenset[str]:
     """Top-level standard library modules of Python ``python_version`` ("3.12")."""
     target = _version_tuple(python_version)

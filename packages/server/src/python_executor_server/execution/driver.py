@@ -5,7 +5,10 @@ Every run is one command::
     <python> -I -c <source of _sandbox_main.py> [--result-fd N] [--eval] [--pre CMD]...
         [--path DIR]... -- /work/main.py ARG...
 
-The driver travels as ``-c`` source, so no backend has to mount it. It runs the
+The driver travels as ``-c`` source, so no backend has to mount it. Its first
+``PRESTART`` arguments (``<python> -I -c <source>``) do not depend on the run: a
+backend may start them ahead of the request and send the rest, with the environment,
+as the job (``RunSpec.prestart``; ``_sandbox_main.py`` reads it from ``--job-fd``). It runs the
 pre-commands and then the entrypoint as ``__main__``, and at exit writes one JSON line
 (``result``, ``error_type``, ``error_line``, ``pre_command_failed``) to ``result_fd``, a
 pipe the backend passes in — never to stdout, so nothing the program prints can forge it.
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RESULT_FD = 3  # the report pipe's fd number inside the sandbox
+PRESTART = 4  # <python> -I -c <source>: the part of driver_argv the same for every run
 REPORT_MAX_BYTES = 16 * 1024 * 1024  # > any report line: results are cut at 1 Mi characters
 
 

@@ -127,7 +127,9 @@ def install_argv(
     """``uv pip install --target`` for ``interpreter``, copying (never hard-linking) from the
     shared cache and compiling bytecode (the environment is mounted read-only later)."""
     argv = [str(uv), "pip", "install", "--no-config", "--no-progress", "--color", "never"]
-    argv += ["--no-python-downloads", "--python", str(interpreter.executable)]
+    # On Docker the install runs in the image, whose interpreter is ``python3`` on PATH.
+    python = "python3" if settings.sandbox == "docker" else str(interpreter.executable)
+    argv += ["--no-python-downloads", "--python", python]
     argv += ["--target", str(target), "--cache-dir", str(settings.uv_cache_path)]
     argv += ["--link-mode", "copy", "--compile-bytecode", *options.args]
     if settings.wheels_only:

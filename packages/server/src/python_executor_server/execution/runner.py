@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -80,11 +80,15 @@ class Runner:
             mounts = await self._requirements(job, interpreter)
         except InstallError as exc:
             return RunReport(ExecutionStatus.FAILED, error=exc.message)
-        workspace = await self.backend.create_workspace(execution_id, job.limits.disk_mb)
+        planned = self._spec(execution_id, job, interpreter, mounts)
+        # The backend may hand out the workspace of a sandbox already started for it.
+        workspace = await self.backend.create_workspace(execution_id, job.limits.disk_mb, planned)
         try:
-            await anyio.to_thread.run_sync(populate_workspace, workspace, job)
-            spec = self._spec(execution_id, job, interpreter, workspace, mounts)
-            outcome = await self.backend.run(spec, sink)
+            if job.project_dir is None:  # eval: files capped at max_eval_code_bytes, on tmpfs
+                populate_workspace(workspace, job)  # quicker than a thread hop
+            else:
+                await anyio.to_thread.run_sync(populate_workspace, workspace, job)
+            outcome = await self.backend.run(replace(planned, workdir=workspace), sink)
             stderr = getattr(sink, "text", None)
             return interpret_outcome(outcome, job, stderr("stderr") if stderr else "")
         finally:
@@ -115,13 +119,9 @@ class Runner:
         return await self.environments.prepare(job, interpreter)
 
     def _spec(
-        self,
-        execution_id: str,
-        job: Job,
-        interpreter: Interpreter,
-        workspace: Path,
-        mounts: tuple[Mount, ...],
+        self, execution_id: str, job: Job, interpreter: Interpreter, mounts: tuple[Mount, ...]
     ) -> RunSpec:
+        """The run, but for its workdir (the backend's ``create_workspace`` gives it)."""
         argv = driver.driver_argv(
             str(interpreter.executable),
             entrypoint=f"{SANDBOX_WORKDIR}/{job.entrypoint}",
@@ -134,7 +134,7 @@ class Runner:
         env = {**BASE_ENV, "PATH": f"{interpreter.prefix}/bin:{BASE_ENV['PATH']}", **dict(job.env)}
         return RunSpec(
             execution_id=execution_id,
-            workdir=workspace,
+            workdir=Path(SANDBOX_WORKDIR),  # not yet known
             interpreter=interpreter,
             argv=argv,
             env=env,
@@ -143,6 +143,7 @@ class Runner:
             mounts=mounts,
             result_fd=driver.RESULT_FD,
             image=job.image,
+            prestart=driver.PRESTART,
         )
 
     def _limits(self, job: Job) -> Limits:

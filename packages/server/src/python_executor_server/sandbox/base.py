@@ -5,6 +5,15 @@ its output into an ``OutputSink``. The runner (``execution/runner.py``)
 prepares everything host-side (work dir, interpreter, environment) and hands
 over a frozen ``RunSpec``; the backend owns isolation and limits.
 
+A backend may keep sandboxes started ahead of time (bwrap's pool): for that the
+runner passes the run it is about to make to ``create_workspace``, so the workspace
+handed out can be that of a pre-started sandbox fitting the run, and marks the
+command's launch prefix (``RunSpec.prestart``). A pre-startable program, given
+``--job-fd N``, writes one byte to the stream socket N (ready), then reads its
+job (``encode_job``: the rest of the command line and the environment) and
+closes N before doing anything else; the cold path speaks the same protocol
+with the job sent at once, so both look the same from inside.
+
 Cancellation is the kill mechanism: when the task awaiting ``run`` is
 cancelled (DELETE, shutdown), the backend must kill every process of the run
 before the cancellation propagates. The timeout is enforced by the backend
@@ -12,12 +21,14 @@ itself and reported as ``RunOutcome.timed_out``.
 
 Usage::
 
-    outcome = await backend.run(spec, sink)
+    work = await backend.create_workspace(spec.execution_id, spec.limits.disk_mb, spec)
+    ...                                  # the project goes into work
+    outcome = await backend.run(dataclasses.replace(spec, workdir=work), sink)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +38,7 @@ SANDBOX_WORKDIR = "/work"
 SANDBOX_TMPDIR = "/tmp"
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
+JOB_FD_OPTION = "--job-fd"  # what a pre-startable program is started with (see above)
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,15 @@ class RunSpec:
         None  # if set: an extra pipe at this fd inside; bytes -> RunOutcome.side_channel
     )
     image: str | None = None  # Docker backend only
+    # argv[:prestart] is a pre-startable program (see the module doc) that takes
+    # argv[prestart:] and env as its job; 0: argv is started as it is.
+    prestart: int = 0
 
 
 @dataclass(frozen=True)
 class RunOutcome:
-    exit_code: int | None  # None when the process never reported one (killed)
+    # 128 + N after death by signal N; None when we killed it (timeout, cancel)
+    exit_code: int | None
     timed_out: bool = False
     oom_killed: bool = False
     side_channel: bytes = b""  # what the program wrote to ``result_fd``
@@ -106,15 +122,31 @@ class SandboxBackend(Protocol):
     def describe(self) -> dict[str, Any]:
         """What enforcement is active, for ``/health`` (cgroup version, seccomp, ...)."""
 
-    async def create_workspace(self, execution_id: str, disk_mb: int) -> Path:
+    async def create_workspace(
+        self, execution_id: str, disk_mb: int, spec: RunSpec | None = None
+    ) -> Path:
         """An empty host directory for the project of one run, owned by the sandbox
-        user, whose size the backend caps at ``disk_mb`` where it can (tmpfs)."""
+        user, whose size the backend caps at ``disk_mb`` where it can (tmpfs).
+
+        ``spec``: the run it is for (its ``workdir`` is not read). A backend with
+        pre-started sandboxes may return the workspace of one that can run it; ``run``
+        of a spec with that workdir then hands the run to that sandbox."""
 
     async def remove_workspace(self, path: Path) -> None:
         """Undo ``create_workspace`` (unmount, delete). Idempotent."""
 
     async def run(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
         """Run ``spec`` to its end, its timeout, or the caller's cancellation."""
+
+
+def encode_job(args: Sequence[str], env: Mapping[str, str]) -> bytes:
+    """A pre-started program's job: a decimal length and a newline, then that many bytes
+    of NUL-separated fields: the number of arguments, the arguments, ``KEY=VALUE``."""
+    fields = [str(len(args)), *args, *(f"{key}={value}" for key, value in env.items())]
+    if any("\0" in field for field in fields):
+        raise ValueError("an argument or environment variable contains a NUL byte")
+    body = "\0".join(fields).encode("utf-8", "surrogateescape")
+    return b"%d\n%s" % (len(body), body)
 
 
 @dataclass

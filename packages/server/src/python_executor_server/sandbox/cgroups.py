@@ -10,6 +10,10 @@ v1 slots are created once and reused (writing a few control files costs a
 seventh of a mkdir/rmdir in every hierarchy); v2 slots are created per run
 (one hierarchy, and memory.peak cannot be reset on older kernels).
 
+``configure`` may be called again while processes run in the slot (a pre-started
+sandbox handed a run with other limits): it writes only the limits that change, and
+restarts the usage counters, so usage covers what ran since.
+
 Usage::
 
     cgroups = detect_cgroups(settings.cgroup_root, instance)   # None: no cgroups
@@ -23,20 +27,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import anyio
 
+from . import cgroupfs as fs
 from .base import Limits
-from .instance import stale_instances
-from .mounts import mountinfo
+from .cgroupfs import reap_stale, v1_mounts, v2_mount
 
 MIB = 1024 * 1024
-V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 # A reused v1 slot still charged with this much (page cache, tmpfs pages of a
 # kept work dir) is emptied, or replaced when emptying does not help.
 _DIRTY_BYTES = 2 * MIB
@@ -53,6 +54,7 @@ class Slot(Protocol):
     def configure(self, limits: Limits) -> None: ...
     def add(self, pid: int) -> None: ...
     def pids(self) -> list[int]: ...
+    def signal_all(self, signum: int) -> None: ...
     def kill_all(self) -> bool: ...
     def usage(self) -> Usage: ...
 
@@ -65,97 +67,6 @@ class Cgroups(Protocol):
     def close(self) -> None: ...
 
 
-def _write(path: Path, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _read(path: Path) -> str:
-    with open(path) as f:
-        return f.read()
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        return int(_read(path).split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _keyed(path: Path, key: str) -> int | None:
-    """``key value`` files: memory.oom_control, memory.events, cpu.stat."""
-    try:
-        for line in _read(path).splitlines():
-            name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
-    except (OSError, ValueError):
-        return None
-    return None
-
-
-def _procs(directory: Path) -> list[int]:
-    try:
-        return [int(x) for x in _read(directory / "cgroup.procs").split()]
-    except OSError:
-        return []
-
-
-def _kill_loop(directory: Path, deadline: float = 2.0) -> bool:
-    """SIGKILL every process in ``directory`` until it is empty; True when empty."""
-    end = time.monotonic() + deadline
-    while True:
-        pids = _procs(directory)
-        if not pids:
-            return True
-        if time.monotonic() > end:
-            return False
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.002)
-
-
-def _rmdir(directory: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(directory)
-
-
-def v1_mounts() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for point, fstype, options in mountinfo():
-        if fstype == "cgroup":
-            for controller in V1_CONTROLLERS:
-                if controller in options:
-                    found.setdefault(controller, point)
-    return found
-
-
-def v2_mount() -> Path | None:
-    """The unified hierarchy, when it offers memory and pids."""
-    for point, fstype, _ in mountinfo():
-        if fstype == "cgroup2":
-            try:
-                controllers = _read(point / "cgroup.controllers").split()
-            except OSError:
-                continue
-            if {"memory", "pids"} <= set(controllers):
-                return point
-    return None
-
-
-def reap_stale(tree: Path) -> None:
-    """Kill and remove ``tree/<pid>-*/<slot>`` cgroups whose server is gone."""
-    for instance in stale_instances(tree):
-        for slot in instance.iterdir():
-            if slot.is_dir():
-                _kill_loop(slot)
-                with contextlib.suppress(OSError):
-                    os.rmdir(slot)
-        with contextlib.suppress(OSError):
-            os.rmdir(instance)
-
-
 # --- v1 -----------------------------------------------------------------------------
 
 
@@ -163,6 +74,7 @@ class V1Slot:
     def __init__(self, dirs: dict[str, Path]) -> None:
         self.dirs = dirs  # controller -> directory (co-mounted controllers share one)
         self._oom_base = 0
+        self._set = fs.Written()
 
     def _unique_dirs(self) -> list[Path]:
         return list(dict.fromkeys(self.dirs.values()))
@@ -173,61 +85,69 @@ class V1Slot:
 
     def remove(self) -> None:
         for d in self._unique_dirs():
-            _rmdir(d)
+            fs.rmdir(d)
 
     def charged_bytes(self) -> int:
-        return _read_int(self.dirs["memory"] / "memory.usage_in_bytes") or 0
+        return fs.read_int(self.dirs["memory"] / "memory.usage_in_bytes") or 0
 
     def empty_charges(self) -> None:
         with contextlib.suppress(OSError):
-            _write(self.dirs["memory"] / "memory.force_empty", "0")
+            fs.write(self.dirs["memory"] / "memory.force_empty", "0")
 
     def configure(self, limits: Limits) -> None:
+        self._set_memory(str(limits.memory_mb * MIB))
+        self._set(self.dirs["pids"] / "pids.max", str(limits.pids))
+        if "cpu" in self.dirs:
+            shares = str(min(max(limits.cpu_shares, 2), 262144))
+            self._set(self.dirs["cpu"] / "cpu.shares", shares)
+        self._reset_counters()
+
+    def _set_memory(self, limit: str) -> None:
         mem = self.dirs["memory"]
-        limit = str(limits.memory_mb * MIB)
         memsw = mem / "memory.memsw.limit_in_bytes"
+        if self._set.holds(mem / "memory.limit_in_bytes", limit):
+            return
         has_memsw = memsw.exists()
         if has_memsw:  # memsw may never be below the memory limit: lift it first
-            _write(memsw, "-1")
-        _write(mem / "memory.limit_in_bytes", limit)
+            self._set(memsw, "-1")
+        self._set(mem / "memory.limit_in_bytes", limit)
         if has_memsw:
-            _write(memsw, limit)
-        _write(self.dirs["pids"] / "pids.max", str(limits.pids))
-        if "cpu" in self.dirs:
-            _write(self.dirs["cpu"] / "cpu.shares", str(min(max(limits.cpu_shares, 2), 262144)))
-        self._reset_counters()
+            self._set(memsw, limit)
 
     def _reset_counters(self) -> None:
         mem = self.dirs["memory"]
         for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.memsw.failcnt"):
             with contextlib.suppress(FileNotFoundError):
-                _write(mem / name, "0")
+                fs.write(mem / name, "0")
         if "cpuacct" in self.dirs:
-            _write(self.dirs["cpuacct"] / "cpuacct.usage", "0")
+            fs.write(self.dirs["cpuacct"] / "cpuacct.usage", "0")
         self._oom_base = self._oom_count()
 
     def _oom_count(self) -> int:
         mem = self.dirs["memory"]
-        count = _keyed(mem / "memory.oom_control", "oom_kill")
+        count = fs.keyed(mem / "memory.oom_control", "oom_kill")
         if count is None:  # kernels before 4.13: hitting the limit is the best hint
-            count = _read_int(mem / "memory.memsw.failcnt") or 0
+            count = fs.read_int(mem / "memory.memsw.failcnt") or 0
         return count
 
     def add(self, pid: int) -> None:
         for d in self._unique_dirs():
-            _write(d / "cgroup.procs", str(pid))
+            fs.write(d / "cgroup.procs", str(pid))
 
     def pids(self) -> list[int]:
-        return _procs(self.dirs["pids"])
+        return fs.procs(self.dirs["pids"])
+
+    def signal_all(self, signum: int) -> None:
+        fs.signal_all(self.dirs["pids"], signum)
 
     def kill_all(self) -> bool:
-        return _kill_loop(self.dirs["pids"])
+        return fs.kill_loop(self.dirs["pids"])
 
     def usage(self) -> Usage:
         cpu_ns = (
-            _read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
+            fs.read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
         )
-        peak = _read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        peak = fs.read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
         return Usage(
             cpu_ms=None if cpu_ns is None else cpu_ns // 1_000_000,
             peak_memory_mb=None if peak is None else round(peak / MIB, 1),
@@ -288,7 +208,7 @@ class V1Cgroups:
         self._free.clear()
         for directory in [*self._bases.values(), *self._trees.values()]:
             with contextlib.suppress(OSError):  # the tree stays while another server uses it
-                _rmdir(directory)
+                fs.rmdir(directory)
 
 
 # --- v2 -----------------------------------------------------------------------------
@@ -297,34 +217,43 @@ class V1Cgroups:
 class V2Slot:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
+        self._set = fs.Written()
+        self._cpu_base = 0  # usage_usec cannot be reset: subtracted instead
 
     def configure(self, limits: Limits) -> None:
-        _write(self.dir / "memory.max", str(limits.memory_mb * MIB))
+        self._set(self.dir / "memory.max", str(limits.memory_mb * MIB))
         with contextlib.suppress(FileNotFoundError):
-            _write(self.dir / "memory.swap.max", "0")
-        _write(self.dir / "pids.max", str(limits.pids))
+            self._set(self.dir / "memory.swap.max", "0")
+        self._set(self.dir / "pids.max", str(limits.pids))
         with contextlib.suppress(FileNotFoundError):
             shares = min(max(limits.cpu_shares, 2), 262144)
-            _write(self.dir / "cpu.weight", str(1 + ((shares - 2) * 9999) // 262142))
+            self._set(self.dir / "cpu.weight", str(1 + ((shares - 2) * 9999) // 262142))
+        # memory.peak stays (resetting it is per open file on recent kernels only): a
+        # pre-started sandbox's peak includes its interpreter's start, as a cold one's does.
+        self._cpu_base = fs.keyed(self.dir / "cpu.stat", "usage_usec") or 0
 
     def add(self, pid: int) -> None:
-        _write(self.dir / "cgroup.procs", str(pid))
+        fs.write(self.dir / "cgroup.procs", str(pid))
 
     def pids(self) -> list[int]:
-        return _procs(self.dir)
+        return fs.procs(self.dir)
+
+    def signal_all(self, signum: int) -> None:
+        fs.signal_all(self.dir, signum)
 
     def kill_all(self) -> bool:
         with contextlib.suppress(FileNotFoundError):
-            _write(self.dir / "cgroup.kill", "1")
-        return _kill_loop(self.dir)
+            fs.write(self.dir / "cgroup.kill", "1")
+        return fs.kill_loop(self.dir)
 
     def usage(self) -> Usage:
-        usec = _keyed(self.dir / "cpu.stat", "usage_usec")
-        peak = _read_int(self.dir / "memory.peak")
+        usec = fs.keyed(self.dir / "cpu.stat", "usage_usec")
+        usec = None if usec is None else usec - self._cpu_base
+        peak = fs.read_int(self.dir / "memory.peak")
         return Usage(
             cpu_ms=None if usec is None else usec // 1000,
             peak_memory_mb=None if peak is None else round(peak / MIB, 1),
-            oom_killed=(_keyed(self.dir / "memory.events", "oom_kill") or 0) > 0,
+            oom_killed=(fs.keyed(self.dir / "memory.events", "oom_kill") or 0) > 0,
         )
 
 
@@ -343,9 +272,9 @@ class V2Cgroups:
         reap_stale(self._tree)
         self._base.mkdir(exist_ok=True)
         for parent in (self._mount, self._tree, self._base):
-            offered = set(_read(parent / "cgroup.controllers").split())
+            offered = set(fs.read(parent / "cgroup.controllers").split())
             wanted = [c for c in ("memory", "pids", "cpu") if c in offered]
-            _write(parent / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
+            fs.write(parent / "cgroup.subtree_control", " ".join("+" + c for c in wanted))
 
     async def acquire(self) -> Slot:
         self._counter += 1
@@ -370,7 +299,7 @@ class V2Cgroups:
                 self.release(slot)
         for directory in (self._base, self._tree):
             with contextlib.suppress(OSError):  # the tree stays while another server uses it
-                _rmdir(directory)
+                fs.rmdir(directory)
 
 
 def detect_cgroups(root_name: str, instance: str) -> V1Cgroups | V2Cgroups | None:

@@ -16,7 +16,7 @@ The host interpreter in ``argv[0]`` becomes the image's ``python3``
 (``docker_protocol.image_argv``). The environment is exactly ``spec.env``
 (the image's ENV is not added). ``result_fd`` is a pipe inside the
 container; what the program writes there is returned as ``side_channel``.
-Exit codes: the program's code, or ``-N`` when signal N killed it.
+Exit codes: the program's code, or ``128 + N`` when signal N killed it (as on bwrap).
 
 docker-py is blocking: request-path calls go through ``anyio.to_thread``,
 the warm pool's refills through its own threads (they outlive requests).
@@ -200,7 +200,10 @@ class DockerBackend:
 
     # --- workspaces -------------------------------------------------------------
 
-    async def create_workspace(self, execution_id: str, disk_mb: int) -> Path:
+    async def create_workspace(
+        self, execution_id: str, disk_mb: int, spec: RunSpec | None = None
+    ) -> Path:
+        # The pool is chosen in run() (the project travels as a tar): spec is not needed.
         path = self._settings.runs_path / execution_id
         await anyio.to_thread.run_sync(lambda: path.mkdir(parents=True, mode=0o700))
         return path

@@ -102,7 +102,10 @@ def host_config(profile: Profile) -> dict[str, Any]:
         "ulimits": ulimits,
         "log_config": {"type": "none", "config": {}},
         "auto_remove": True,
-        "binds": {str(m.source): {"bind": m.target, "mode": "ro"} for m in profile.mounts},
+        "binds": {
+            str(m.source): {"bind": m.target, "mode": "rw" if m.writable else "ro"}
+            for m in profile.mounts
+        },
     }
 
 

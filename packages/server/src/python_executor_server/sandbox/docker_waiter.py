@@ -180,7 +180,7 @@ class Relay:
                 return
             if pid == self.pid:
                 sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
-                self.status = -sig if sig else os.WEXITSTATUS(status)
+                self.status = 128 + sig if sig else os.WEXITSTATUS(status)
 
     def close_stdin_if_done(self) -> None:
         if self.stdin_w is not None and not self.pending and not self.stdin_left:
@@ -333,7 +333,7 @@ def main() -> None:
         send(b"f", f"{type(exc).__name__}: {exc}".encode())
         return
     relay.run(wake_r)
-    if relay.status == -signal.SIGKILL:
+    if relay.status == 128 + signal.SIGKILL:
         free_tmpfs()  # after an OOM kill, files there may still hold the memory we need
     finish(relay.status)
 

@@ -358,11 +358,13 @@ async def _start_nat(
             group=uid if drop else None,
             extra_groups=[] if drop else None,
         )
-    except OSError as exc:
+    except BaseException as exc:  # cancelled too (a run killed, or a pooled start dropped)
         for fd in (ready_r, ready_w, exit_r, exit_w):
             os.close(fd)
         log_file.close()
-        raise SandboxError(f"could not start slirp4netns: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise SandboxError(f"could not start slirp4netns: {exc}") from exc
+        raise
     os.close(ready_w)
     os.close(exit_r)
     attachment = NetworkAttachment(nat, exit_w, log_file, 0.0)

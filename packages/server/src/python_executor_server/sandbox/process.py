@@ -1,14 +1,13 @@
 """One child process with an exact fd layout, awaited through a pidfd; pipe pumps.
 
 ``posix_spawn`` (vfork-fast, no Python code between fork and exec) places each
-of our pipe ends at the fd number the child must see it at, which
-``subprocess`` cannot do (``pass_fds`` keeps the parent's numbers). It must be
-called on the event-loop thread: bwrap's ``--die-with-parent`` watches the
-thread that spawned it.
+of our pipe ends at the fd number the child must see it at (``fd_actions``), which
+``subprocess`` cannot do (``pass_fds`` keeps the parent's numbers); ``spawner.py``
+calls it.
 
 Usage::
 
-    child = spawn(argv, {0: stdin_r, 1: out_w, 2: err_w, 3: info_w}, env={})
+    child = await spawner.spawn(argv, {0: stdin_r, 1: out_w, 2: err_w, 3: info_w}, env={})
     await pump(out_r, lambda data: sink.write("stdout", data))
     code = await child.wait()
 """
@@ -18,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import signal
-from collections.abc import Callable, Mapping
+import socket
+from collections.abc import Callable, Iterable, Mapping
 
 import anyio
 
@@ -42,6 +43,13 @@ class Child:
             await anyio.wait_readable(self._pidfd)
             self._reap()
         return self.returncode
+
+    def exited(self) -> bool:
+        """Without waiting: has it ended (reaped now if so)?"""
+        pidfd = self._pidfd
+        if self.returncode is None and pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+            self._reap()
+        return self.returncode is not None
 
     def _reap(self) -> None:
         pid, status = os.waitpid(self.pid, os.WNOHANG)
@@ -79,9 +87,9 @@ class PidHandle:
             self._pidfd = None
 
 
-def spawn(argv: list[str], fds: Mapping[int, int], env: Mapping[str, str]) -> Child:
-    """Start ``argv`` in a new session with ``fds`` (child fd -> our fd) and nothing
-    else open; SIGPIPE and SIGXFSZ back to their defaults (Python ignores them)."""
+def fd_actions(fds: Mapping[int, int]) -> list[tuple[int, int, int] | tuple[int, int]]:
+    """posix_spawn file actions giving the child ``fds`` (child fd -> our fd) and closing
+    every other fd of ours it would inherit."""
     leaking = _inheritable_fds() - set(fds.values())
     # Sources go to numbers above every fd involved first, so that neither a
     # target nor closing an inherited fd overwrites one still to be moved.
@@ -93,16 +101,16 @@ def spawn(argv: list[str], fds: Mapping[int, int], env: Mapping[str, str]) -> Ch
     for i, target in enumerate(fds):
         actions.append((os.POSIX_SPAWN_DUP2, high + i, target))
     actions += [(os.POSIX_SPAWN_CLOSE, high + i) for i in range(len(fds))]
-    pid = os.posix_spawn(
-        argv[0],
-        argv,
-        dict(env),
-        file_actions=actions,
-        setsid=True,
-        setsigmask=(),
-        setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-    )
-    return Child(pid)
+    return actions
+
+
+def schedule(pids: Iterable[int], *, idle: bool) -> None:
+    """SCHED_IDLE (only CPU time nobody else wants; children inherit it) or back to
+    the normal class. (posix_spawn cannot start a process in SCHED_IDLE: glibc refuses.)"""
+    policy = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setscheduler(pid, policy, os.sched_param(0))
 
 
 def _inheritable_fds() -> set[int]:
@@ -131,6 +139,11 @@ class Fds:
                 fcntl.fcntl(r, _F_SETPIPE_SZ, PIPE_SIZE)
         self._open.update((r, w))
         return r, w
+
+    def socketpair(self) -> tuple[int, int]:
+        ours, theirs = (s.detach() for s in socket.socketpair())  # close-on-exec, like pipes
+        self._open.update((ours, theirs))
+        return ours, theirs
 
     def devnull(self) -> int:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

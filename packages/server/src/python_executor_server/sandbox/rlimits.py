@@ -1,16 +1,19 @@
-"""Resource limits of a run, set by util-linux ``prlimit`` on itself before it execs
-the rest of the command line, so bwrap and everything it starts inherit them.
-
-(``prlimit(2)`` on the running sandbox would need CAP_SYS_RESOURCE, which
-containers usually drop; lowering one's own limits needs nothing.)
+"""Resource limits of a run: set with ``prlimit(2)`` on bwrap's namespace init before
+it starts the command (which inherits them), or, where the server may not change
+another process's limits (root without CAP_SYS_RESOURCE, as containers usually run
+it), by util-linux ``prlimit`` on itself before it execs the rest of the command line
+(lowering one's own limits needs nothing).
 
 Usage::
 
+    for which, value in rlimits_for(limits, address_space=False).items(): ...
     argv = prlimit_argv("/usr/bin/prlimit", limits, address_space=False) + bwrap_argv
+    may_limit_others()      # False: use prlimit_argv
 """
 
 from __future__ import annotations
 
+import os
 import resource
 
 from .base import Limits
@@ -46,3 +49,19 @@ def prlimit_argv(prlimit: str, limits: Limits, *, address_space: bool) -> list[s
             value = min(value, hard)
         argv.append(f"{_OPTIONS[which]}={value}:{value}")
     return [*argv, "--"]
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def may_limit_others() -> bool:
+    """Whether ``prlimit(2)`` on a sandbox's processes will work: as their owner (not
+    root), or with CAP_SYS_RESOURCE."""
+    if os.geteuid() != 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration, IndexError):
+        return False
+    return bool(int(caps, 16) >> CAP_SYS_RESOURCE & 1)

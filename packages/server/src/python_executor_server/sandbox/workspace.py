@@ -30,6 +30,8 @@ from .mounts import MS_NODEV, MS_NOSUID, mount, unmount
 WORK_DIR = "work"
 TMP_DIR = "tmp"
 INODES_PER_MB = 64
+FEW_INODES = 32  # see holds_little
+POOL_PREFIX = "pool-"  # pool-<server pid>-<random>-<n>: a pre-started sandbox's workspace
 
 
 class Workspaces:
@@ -71,9 +73,33 @@ class Workspaces:
             return
         if self.tmpfs:
             unmount(root)
-        shutil.rmtree(root, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            root.rmdir()
+        try:
+            root.rmdir()  # the usual case: an empty mount point once its tmpfs is gone
+        except FileNotFoundError:
+            return
+        except OSError:
+            shutil.rmtree(root, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                root.rmdir()
+
+    def holds_little(self, workdir: Path) -> bool:
+        """Whether a workspace has so few files that walking or removing it costs less
+        than handing the work to a thread (a tmpfs counts its inodes: one statvfs)."""
+        if not self.tmpfs:
+            return False
+        try:
+            st = os.statvfs(workdir)
+        except OSError:
+            return False
+        return st.f_files - st.f_ffree <= FEW_INODES
+
+    def reap_stale(self) -> None:
+        """Remove the pooled workspaces of servers that died (their sandboxes died with
+        them: bwrap runs with --die-with-parent)."""
+        for root in self.runs_path.glob(POOL_PREFIX + "*"):
+            owner = root.name.removeprefix(POOL_PREFIX).split("-", 1)[0]
+            if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+                self.remove(root)
 
     def _root_for(self, execution_id: str) -> Path:
         if not execution_id or "/" in execution_id or execution_id.startswith("."):

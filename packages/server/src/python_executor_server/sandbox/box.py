@@ -1,0 +1,216 @@
+"""One bwrap sandbox from spawn to cleanup: its fds, processes, cgroup slot, network.
+
+``Launcher.start`` fills a ``Box`` (spawned, confined, command starting); ``run``
+hands it its run (the job, stdin, the timeout) and supervises it to the end. Output
+goes to the sink as it arrives and is drained to EOF (the sink caps it; the program
+runs on).
+
+Every process of a run is in its pid namespace and its cgroup: killing the
+namespace init takes the namespace down (setsid'd and double-forked processes
+included), and the cgroup is swept with SIGKILL until empty.
+
+Usage::
+
+    box = Box()
+    try:
+        await launcher.start(spec, box, tmp)
+        outcome = await box.run(spec, sink, job)
+    finally:
+        await box.cleanup(cgroups)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+from dataclasses import dataclass, field
+
+import anyio
+
+from .base import OutputSink, RunOutcome, RunSpec
+from .cgroups import Cgroups, Slot
+from .network import NetworkAttachment
+from .process import CappedBuffer, Child, Fds, PidHandle, feed, pump, schedule
+
+SIDE_CHANNEL_CAP = 1024 * 1024
+KILL_GRACE = 1.0  # after SIGKILL of the init, for bwrap to report and exit
+DRAIN_GRACE = 5.0  # for the pipes to reach EOF once every process is gone
+SWEEP_FIRST_POLL = 0.0002
+SWEEP_LAST_POLL = 0.02  # then 40 ms of polling are over: a thread takes the rest
+
+
+@dataclass
+class Pipes:
+    out: tuple[int, int]
+    err: tuple[int, int]
+    info: tuple[int, int]
+    block: tuple[int, int]
+    stdin: tuple[int, int]  # a pipe even without input: a pooled sandbox has it from the start
+    result: tuple[int, int] | None
+    job: tuple[int, int] | None  # a socket pair: (ours, the sandbox's)
+
+    @classmethod
+    def create(cls, fds: Fds, *, result: bool, job: bool) -> Pipes:
+        big = (fds.pipe(big=True), fds.pipe(big=True))
+        small = (fds.pipe(), fds.pipe(), fds.pipe())
+        return cls(*big, *small, fds.pipe() if result else None, fds.socketpair() if job else None)
+
+
+@dataclass(eq=False)
+class Box:
+    """What one sandbox holds; released by ``cleanup`` whatever happened."""
+
+    fds: Fds = field(default_factory=Fds)
+    pipes: Pipes | None = None
+    child: Child | None = None  # bwrap (through setpriv)
+    init: PidHandle | None = None  # its namespace init, once reported
+    slot: Slot | None = None
+    network: NetworkAttachment | None = None
+    released: bool = False  # confined and told to start the command
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def kill(self) -> None:  # from outside the run's own task
+        for process in (self.init, self.child):
+            if process is not None:
+                process.kill()
+
+    def alive(self) -> bool:
+        """bwrap still runs (a sandbox in the pool can die: OOM killer, a signal)."""
+        return self.child is not None and self.released and not self.child.exited()
+
+    def wake(self) -> None:
+        """Normal scheduling for a sandbox started ahead (at SCHED_IDLE): bwrap, its
+        init and the waiting program; whatever the run starts inherits it."""
+        pids = [p.pid for p in (self.child, self.init) if p is not None]
+        if self.init is not None:  # the waiting program: the init's only child
+            children = f"/proc/{self.init.pid}/task/{self.init.pid}/children"
+            with contextlib.suppress(OSError), open(children) as f:
+                pids += [int(pid) for pid in f.read().split()]
+        schedule(pids, idle=False)
+
+    def ready(self) -> bool:
+        """The pre-started program reported ready on its job socket (without waiting)."""
+        if self.pipes is None or self.pipes.job is None:
+            return False
+        return bool(select.select([self.pipes.job[0]], [], [], 0)[0])
+
+    def stderr_head(self) -> str:
+        """What bwrap wrote before failing to start (without waiting)."""
+        if self.pipes is None:
+            return ""
+        os.set_blocking(self.pipes.err[0], False)
+        try:
+            data = os.read(self.pipes.err[0], 4096)
+        except OSError:
+            return ""
+        return data.decode("utf-8", "replace").strip()[-500:]
+
+    async def run(self, spec: RunSpec, sink: OutputSink, job: bytes | None) -> RunOutcome:
+        """Send ``job`` and ``spec.stdin``, wait for the end or the timeout, kill what is
+        left, drain the output. The timeout clock starts here."""
+        assert self.child is not None and self.pipes is not None
+        pipes = self.pipes
+        side = CappedBuffer(SIDE_CHANNEL_CAP)
+        head = CappedBuffer(4096)  # bwrap's own error, if it fails
+
+        def on_stderr(data: bytes) -> None:
+            head(data)
+            sink.write("stderr", data)
+
+        timed_out = False
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pump, pipes.out[0], lambda data: sink.write("stdout", data))
+            tg.start_soon(pump, pipes.err[0], on_stderr)
+            if pipes.result is not None:
+                tg.start_soon(pump, pipes.result[0], side)
+            if self.released:
+                if job is not None and pipes.job is not None:
+                    tg.start_soon(feed, pipes.job[0], job)
+                tg.start_soon(self._feed_stdin, spec.stdin or b"")
+                with anyio.move_on_after(spec.limits.timeout_seconds) as scope:
+                    await self.child.wait()
+                timed_out = scope.cancelled_caught
+            await self.terminate()
+            tg.cancel_scope.deadline = anyio.current_time() + DRAIN_GRACE
+        error = self._setup_error(bytes(head.data))
+        return self._outcome(timed_out, bytes(side.data), error)
+
+    async def _feed_stdin(self, data: bytes) -> None:
+        assert self.pipes is not None
+        try:
+            await feed(self.pipes.stdin[1], data)
+        finally:
+            self.fds.close(self.pipes.stdin[1])  # EOF for the program
+
+    def _setup_error(self, stderr_head: bytes) -> str | None:
+        """bwrap never consumed the block byte (or never got it): it failed before
+        starting the command, and said why on stderr."""
+        assert self.pipes is not None
+        if self.child is not None and self.child.returncode == 0:
+            return None
+        os.set_blocking(self.pipes.block[0], False)
+        try:
+            unread = self.init is None or os.read(self.pipes.block[0], 1) == b"x"
+        except BlockingIOError:
+            unread = False
+        if not unread:
+            return None
+        message = stderr_head.decode("utf-8", "replace").strip().splitlines()
+        return "sandbox setup failed: " + (message[-1] if message else "bwrap exited early")
+
+    def _outcome(self, timed_out: bool, side: bytes, error: str | None) -> RunOutcome:
+        assert self.child is not None
+        code = self.child.returncode
+        usage = self.slot.usage() if self.slot is not None else None
+        return RunOutcome(
+            exit_code=None if timed_out or error or code is None or code < 0 else code,
+            timed_out=timed_out,
+            oom_killed=bool(usage and usage.oom_killed),
+            side_channel=side,
+            cpu_ms=usage.cpu_ms if usage else None,
+            peak_memory_mb=usage.peak_memory_mb if usage else None,
+            error=error,
+        )
+
+    async def terminate(self) -> None:
+        """Kill every process of the sandbox and reap bwrap. Idempotent, quick."""
+        if self.init is not None:
+            self.init.kill()  # the pid namespace goes down with its init
+        if self.child is not None and self.child.returncode is None:
+            with anyio.move_on_after(KILL_GRACE if self.init is not None else 0):
+                await self.child.wait()
+            self.child.kill()
+            await self.child.wait()
+        if self.slot is not None:
+            await _sweep(self.slot)
+
+    async def cleanup(self, cgroups: Cgroups | None) -> None:
+        """Terminate, then release everything. Shielded by the caller."""
+        try:
+            await self.terminate()
+            if self.network is not None:
+                await self.network.close()
+        finally:
+            self.fds.close_all()
+            if self.init is not None:
+                self.init.close()
+            if self.slot is not None and cgroups is not None:
+                cgroups.release(self.slot)
+            self.done.set()
+
+
+async def _sweep(slot: Slot) -> None:
+    """Wait for the cgroup to empty, killing what is in it. bwrap reports the command's
+    end before its namespace init has finished dying: usually a few processes are still
+    exiting here, gone within a millisecond, so poll finely on the loop rather than
+    hand the wait to a thread; the thread (which also gives up) takes long stragglers."""
+    delay = SWEEP_FIRST_POLL
+    while slot.pids():
+        if delay > SWEEP_LAST_POLL:
+            await anyio.to_thread.run_sync(slot.kill_all)
+            return
+        slot.signal_all(signal.SIGKILL)
+        await anyio.sleep(delay)
+        delay *= 2

@@ -1,0 +1,131 @@
+"""cgroupfs by hand: control files, the processes in a cgroup, our hierarchies, and
+what servers that died left in them (``cgroups.py`` builds the per-run slots on it).
+
+Usage::
+
+    fs.write(slot / "pids.max", "64"); fs.procs(slot); fs.kill_loop(slot)
+    v1_mounts(); v2_mount(); reap_stale(tree)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+from .instance import stale_instances
+from .mounts import mountinfo
+
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+
+
+def write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def read(path: Path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def read_int(path: Path) -> int | None:
+    try:
+        return int(read(path).split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def keyed(path: Path, key: str) -> int | None:
+    """``key value`` files: memory.oom_control, memory.events, cpu.stat."""
+    try:
+        for line in read(path).splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def procs(directory: Path) -> list[int]:
+    try:
+        return [int(x) for x in read(directory / "cgroup.procs").split()]
+    except OSError:
+        return []
+
+
+def signal_all(directory: Path, signum: int) -> None:
+    for pid in procs(directory):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def kill_loop(directory: Path, deadline: float = 2.0) -> bool:
+    """SIGKILL every process in ``directory`` until it is empty; True when empty."""
+    end = time.monotonic() + deadline
+    while True:
+        if not procs(directory):
+            return True
+        if time.monotonic() > end:
+            return False
+        signal_all(directory, signal.SIGKILL)
+        time.sleep(0.002)
+
+
+def rmdir(directory: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(directory)
+
+
+def v1_mounts() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for point, fstype, options in mountinfo():
+        if fstype == "cgroup":
+            for controller in V1_CONTROLLERS:
+                if controller in options:
+                    found.setdefault(controller, point)
+    return found
+
+
+def v2_mount() -> Path | None:
+    """The unified hierarchy, when it offers memory and pids."""
+    for point, fstype, _ in mountinfo():
+        if fstype == "cgroup2":
+            try:
+                controllers = read(point / "cgroup.controllers").split()
+            except OSError:
+                continue
+            if {"memory", "pids"} <= set(controllers):
+                return point
+    return None
+
+
+def reap_stale(tree: Path) -> None:
+    """Kill and remove ``tree/<pid>-*/<slot>`` cgroups whose server is gone."""
+    for instance in stale_instances(tree):
+        for slot in instance.iterdir():
+            if slot.is_dir():
+                kill_loop(slot)
+                with contextlib.suppress(OSError):
+                    os.rmdir(slot)
+        with contextlib.suppress(OSError):
+            os.rmdir(instance)
+
+
+class Written:
+    """Control-file values this slot last wrote: unchanged ones are not written again."""
+
+    def __init__(self) -> None:
+        self._values: dict[Path, str] = {}
+
+    def __call__(self, path: Path, value: str) -> None:
+        if self._values.get(path) != value:
+            self._values.pop(path, None)  # unknown if the write fails half-way
+            write(path, value)
+            self._values[path] = value
+
+    def holds(self, path: Path, value: str) -> bool:
+        return self._values.get(path) == value
