@@ -10,9 +10,6 @@ has no shared backing, the same instance): two actors racing.
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,36 +17,7 @@ from pathlib import Path
 import pytest
 from python_executor_server.settings import Settings
 from python_executor_server.store import StateStore, create_store
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _answers_ping(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-            conn.sendall(b"PING\r\n")
-            return conn.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _start_redis(binary: str, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    port = _free_port()
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(args, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _answers_ping(port):
-            return proc, port
-        time.sleep(0.02)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"redis-server did not come up on port {port}")
+from redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -58,14 +26,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    proc, port = _start_redis(binary, tmp_path_factory.mktemp("redis"))
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    server = RedisServer.start(tmp_path_factory.mktemp("redis"), binary)
+    yield server.url
+    server.stop()
 
 
 def _settings(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
