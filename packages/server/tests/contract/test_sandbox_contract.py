@@ -439,9 +439,7 @@ async def test_workspace_files_at_work_and_writable(box: Box) -> None:
 
 
 @pytest.mark.timeout(60)
-async def test_extra_mounts_read_only_and_writable(
-    box: Box, tmp_path: Path
-) -> None:
+async def test_extra_mounts_read_only_and_writable(box: Box, tmp_path: Path) -> None:
     ro, rw = tmp_path / "ro", tmp_path / "rw"
     ro.mkdir()
     rw.mkdir()
