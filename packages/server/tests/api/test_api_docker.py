@@ -24,6 +24,7 @@ from typing import Any
 import httpx2
 import pytest
 from api_helpers import eval_, post_exec, run, tar_of
+from proc_scan import pids_with_env
 from python_executor_server.settings import Settings
 from server_process import ServerProcess
 
@@ -97,18 +98,7 @@ def client(docker_server: ServerProcess) -> Iterator[httpx2.Client]:
 def marker_pids(marker: str) -> list[int]:
     """Host pids whose environment carries ``MARKER=<marker>`` (container processes are
     host processes; zombies have no environment: not counted)."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return pids_with_env(MARKER_VAR, marker)
 
 
 def container_of(pid: int) -> str:

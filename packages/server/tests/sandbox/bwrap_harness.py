@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+from proc_scan import pids_with_env
 from python_executor_server.execution import driver
 from python_executor_server.sandbox.base import (
     CollectedOutput,
@@ -54,18 +55,7 @@ BASE_ENV = {
 
 def marker_pids(marker: str) -> list[int]:
     """Host pids whose environment carries ``marker`` (zombies have none: not counted)."""
-    needle = f"{MARKER_VAR}={marker}".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/environ", "rb") as f:
-                if needle in f.read():
-                    found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
+    return pids_with_env(MARKER_VAR, marker)
 
 
 def pid_namespace(pid: int) -> int:
