@@ -71,7 +71,9 @@ DISK_CAP_SHARED = {  # /work and /tmp: one cap (docs/security.md) or one each (d
 
 BACKENDS = [
     pytest.param("bwrap", marks=pytest.mark.sandbox, id="bwrap"),  # every run cold
-    pytest.param("bwrap-pool", marks=pytest.mark.sandbox, id="bwrap-pool"),  # every run pooled
+    # every run pooled: forked from the zygote (the default) / started by bwrap ahead
+    pytest.param("bwrap-pool", marks=pytest.mark.sandbox, id="bwrap-pool"),
+    pytest.param("bwrap-pool-nozygote", marks=pytest.mark.sandbox, id="bwrap-pool-nozygote"),
     pytest.param("docker", marks=pytest.mark.docker, id="docker"),  # a cold container each
 ]
 
@@ -377,7 +379,7 @@ def contract_interpreter_fixture() -> Interpreter:
 
 
 @contextlib.contextmanager
-def _bwrap_settings(pool: bool) -> Iterator[Settings]:
+def _bwrap_settings(pool: bool, zygote: bool = True) -> Iterator[Settings]:
     # Not under pytest's tmp_path: /tmp/pytest-of-root is 0700, uid 1000 could not reach it.
     from python_executor_server.sandbox.mounts import mount_points_under, unmount
 
@@ -391,6 +393,7 @@ def _bwrap_settings(pool: bool) -> Iterator[Settings]:
             max_archive_entries=1000,
             pool_enabled=pool,
             pool_size=1,
+            pool_zygote=zygote,
         )
     finally:
         for point in mount_points_under(run_dir):
@@ -411,7 +414,9 @@ async def _started(box: Box) -> AsyncIterator[Box]:
 
 
 @contextlib.asynccontextmanager
-async def bwrap_box(interpreter: Interpreter, pooled: bool) -> AsyncIterator[Box]:
+async def bwrap_box(
+    interpreter: Interpreter, pooled: bool, zygote: bool = True
+) -> AsyncIterator[Box]:
     reason = _bwrap_missing()
     if reason is not None:
         if os.environ.get("CI"):
@@ -419,7 +424,7 @@ async def bwrap_box(interpreter: Interpreter, pooled: bool) -> AsyncIterator[Box
         pytest.skip(reason)
     from python_executor_server.sandbox.bwrap import BwrapBackend
 
-    with _bwrap_settings(pool=pooled) as settings:
+    with _bwrap_settings(pool=pooled, zygote=zygote) as settings:
         backend = BwrapBackend(settings, {interpreter.version: interpreter})
         async with _started(Box("bwrap", backend, interpreter, settings, pooled=pooled)) as box:
             yield box
@@ -456,6 +461,8 @@ async def box_fixture(
     if request.param == "docker":
         opened = docker_box(contract_interpreter, tmp_path)
     else:
-        opened = bwrap_box(contract_interpreter, pooled=request.param == "bwrap-pool")
+        pooled = request.param.startswith("bwrap-pool")
+        zygote = request.param != "bwrap-pool-nozygote"
+        opened = bwrap_box(contract_interpreter, pooled=pooled, zygote=zygote)
     async with opened as box:
         yield box

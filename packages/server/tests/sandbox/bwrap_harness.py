@@ -39,7 +39,6 @@ from python_executor_server.sandbox.base import (
     RunSpec,
 )
 from python_executor_server.sandbox.bwrap import BwrapBackend
-from python_executor_server.sandbox.workspace import POOL_PREFIX
 from python_executor_server.settings import Settings
 
 T = TypeVar("T")
@@ -229,8 +228,12 @@ async def run_driver(
     harness.workspaces.append(work)
     namespace = None
     if pooled:
-        assert work.parent.name.startswith(POOL_PREFIX), "not handed a pre-started sandbox"
-        namespace = pid_namespace(backend._claimed[work].box.init.pid)  # type: ignore[union-attr]
+        assert work in backend._claimed, "not handed a pre-started sandbox"
+        # The namespace the init's children are in: bwrap's init's own, or the one a
+        # zygote's fork made for its run (zygote.py).
+        init = backend._claimed[work].box.init
+        assert init is not None
+        namespace = os.stat(f"/proc/{init.pid}/ns/pid_for_children").st_ino
     for name, text in {"main.py": textwrap.dedent(code), **(files or {})}.items():
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text(text)

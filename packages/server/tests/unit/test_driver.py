@@ -128,6 +128,17 @@ SAME_AS_PYTHON = {
         "print(sys.argv, sys.orig_argv[-len(sys.argv):], sys.path[0], sys.dont_write_bytecode)\n"
         "import inspect; print(inspect.getsourcefile(sys.modules['__main__']))\n"
     ),
+    "exit_float": "raise SystemExit(2.5)\n",
+    "exit_negative": "import sys\nsys.exit(-1)\n",
+    "exit_huge": "import sys\nsys.exit(2 ** 70)\n",
+    "stdout_closed": "import sys\nprint('x')\nsys.stdout.close()\n",
+    "finalizer_at_exit": (
+        "class A:\n"
+        "    def __del__(self):\n"
+        "        print('finalized', flush=True)\n"
+        "a = A()\n"
+        "print('end')\n"
+    ),
     "threads_and_atexit": (
         "import atexit, threading, time\n"
         "atexit.register(print, 'atexit ran')\n"
@@ -268,6 +279,18 @@ def test_error_type_and_line(
 def test_exit_is_not_an_error(python: str, tmp_path: Path, source: str, code: int) -> None:
     run = drive(python, tmp_path, source, eval_last_expr=True)
     assert (run.code, run.report) == (code, DriverReport())
+
+
+def test_files_of_project_modules_are_flushed_at_exit(python: str, tmp_path: Path) -> None:
+    """The driver ends without tearing the interpreter down, but a file left open (and
+    unflushed) in a module of the project is written out, as at the interpreter's exit."""
+    helper = "f = open('out.txt', 'w')\nf.write('kept')\n"
+    source = "import helper\nprint('done')\n"
+    run = drive(python, tmp_path, source, files={"helper.py": helper})
+    assert (tmp_path / "out.txt").read_text() == "kept"
+    (tmp_path / "out.txt").unlink()
+    assert run.output == reference(python, tmp_path).output
+    assert (tmp_path / "out.txt").read_text() == "kept"
 
 
 # --- the program's world --------------------------------------------------------------

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import signal
+import socket
 from dataclasses import dataclass, field
 
 import anyio
@@ -32,9 +32,10 @@ import anyio
 from .base import OutputSink, RunOutcome, RunSpec
 from .cgroups import Cgroups, Slot
 from .network import NetworkAttachment
-from .process import CappedBuffer, Child, Fds, PidHandle, feed, pump, schedule
+from .process import CappedBuffer, Child, Fds, PidHandle, StatusChild, feed, pump, schedule
 
 SIDE_CHANNEL_CAP = 1024 * 1024
+WAKE_DEPTH = 1  # below the init: the waiting program
 KILL_GRACE = 1.0  # after SIGKILL of the init, for bwrap to report and exit
 DRAIN_GRACE = 5.0  # for the pipes to reach EOF once every process is gone
 SWEEP_FIRST_POLL = 0.0002
@@ -64,11 +65,12 @@ class Box:
 
     fds: Fds = field(default_factory=Fds)
     pipes: Pipes | None = None
-    child: Child | None = None  # bwrap (through setpriv)
+    child: Child | StatusChild | None = None  # bwrap (through setpriv), or a zygote's fork
     init: PidHandle | None = None  # its namespace init, once reported
     slot: Slot | None = None
     network: NetworkAttachment | None = None
     released: bool = False  # confined and told to start the command
+    idle: bool = False  # started ahead at SCHED_IDLE: ``wake`` before its run
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def kill(self) -> None:  # from outside the run's own task
@@ -81,20 +83,36 @@ class Box:
         return self.child is not None and self.released and not self.child.exited()
 
     def wake(self) -> None:
-        """Normal scheduling for a sandbox started ahead (at SCHED_IDLE): bwrap, its
-        init and the waiting program; whatever the run starts inherits it."""
+        """Normal scheduling for a sandbox started ahead at SCHED_IDLE (bwrap's pool;
+        a zygote's forks never are): bwrap, its init and the waiting program, each the
+        only child of the one before; whatever the run starts inherits it."""
+        if not self.idle:
+            return
         pids = [p.pid for p in (self.child, self.init) if p is not None]
-        if self.init is not None:  # the waiting program: the init's only child
-            children = f"/proc/{self.init.pid}/task/{self.init.pid}/children"
-            with contextlib.suppress(OSError), open(children) as f:
-                pids += [int(pid) for pid in f.read().split()]
+        parents = pids[-1:]
+        for _ in range(WAKE_DEPTH):
+            children = []
+            for parent in parents:
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/proc/{parent}/task/{parent}/children") as f,
+                ):
+                    children += [int(pid) for pid in f.read().split()]
+            pids += children
+            parents = children
         schedule(pids, idle=False)
 
     def ready(self) -> bool:
         """The pre-started program reported ready on its job socket (without waiting)."""
-        if self.pipes is None or self.pipes.job is None:
+        if self.pipes is None or self.pipes.job is None or not self.alive():
             return False
-        return bool(select.select([self.pipes.job[0]], [], [], 0)[0])
+        sock = socket.socket(fileno=self.pipes.job[0])
+        try:  # its byte, left unread (EOF is readable too: a sandbox that died)
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+        except BlockingIOError:
+            return False
+        finally:
+            sock.detach()
 
     def stderr_head(self) -> str:
         """What bwrap wrote before failing to start (without waiting)."""

@@ -49,7 +49,8 @@ from .network import network_status
 from .pool import Entry, PoolKey, SandboxPool, pool_key
 from .rlimits import may_limit_others
 from .rootfs import RootFs
-from .workspace import POOL_PREFIX, Workspaces, chown_tree
+from .workspace import DETACHED_PREFIX, POOL_PREFIX, Workspaces, chown_tree
+from .zygote import Zygotes
 
 log = structlog.get_logger("python_executor.sandbox.bwrap")
 _Launch = Callable[[Box, RunSpec], Awaitable[None]]
@@ -79,6 +80,7 @@ class BwrapBackend:
             min_inodes=settings.max_archive_entries + 4096,
         )
         self._pool = SandboxPool(settings, self) if settings.pool_enabled else None
+        self._zygotes: Zygotes | None = None
         self._claimed: dict[Path, Entry] = {}  # pooled workspaces handed out, run pending
         self._names = itertools.count(1)
         self._live: set[Box] = set()
@@ -103,6 +105,18 @@ class BwrapBackend:
             seccomp=use_seccomp,
             cgroups=self._cgroups,
         )
+        # A zygote's runs install the filter themselves, and it is what keeps them from
+        # making user namespaces (bwrap's --disable-userns cannot apply to its forks).
+        settings = self.settings
+        zygote = settings.pool_zygote and use_seccomp and not settings.keep_workdirs
+        if zygote and self._root and self._cgroups is not None:
+            self._zygotes = Zygotes(
+                self._launcher,
+                self._workspaces,
+                self._cgroups,
+                max_zygotes=settings.pool_max_keys,
+                max_file_mb=settings.max_disk_mb,
+            )
 
     async def _tools(self) -> Tools:
         bwrap, setpriv, prlimit = (shutil.which(n) for n in ("bwrap", "setpriv", "prlimit"))
@@ -137,6 +151,8 @@ class BwrapBackend:
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
+        if self._zygotes is not None:
+            await self._zygotes.close()
         for entry in list(self._claimed.values()):
             await self.destroy(entry)
         self._claimed.clear()
@@ -169,6 +185,7 @@ class BwrapBackend:
             "disk_limit": "tmpfs" if self._root else "none",
             "host_uid": self._uid,
             "pool": self._pool.describe() if self._pool is not None else {"enabled": False},
+            "zygote": self._zygotes.describe() if self._zygotes is not None else None,
         }
 
     async def wait_warm(self, spec: RunSpec, count: int = 1, within: float = 30) -> bool:
@@ -192,6 +209,15 @@ class BwrapBackend:
         key = self._key(spec) if spec is not None and spec.limits.disk_mb == disk_mb else None
         if key is not None and self._pool is not None and spec is not None:
             entry = self._pool.take(key, spec)
+            zygotes = self._zygotes
+            if (
+                entry is None
+                and zygotes is not None
+                and zygotes.serves(key)
+                and zygotes.running(key)
+            ):
+                # None ready: a fork now costs less than a cold start, and waits less
+                entry = await self.make(key, spec)
             if entry is not None:
                 self._claimed[entry.workdir] = entry
                 return entry.workdir
@@ -223,10 +249,26 @@ class BwrapBackend:
                 return await self._supervised(entry.box, spec, sink, None)
             if entry is not None:  # no longer fits, or died: its workspace runs cold
                 await self._release_box(entry.box)
+                if str(spec.workdir).startswith(DETACHED_PREFIX):  # bwrap cannot bind it
+                    return await self._cold_copy(spec, sink)
             return await self._supervised(Box(), spec, sink, self._launch)
         finally:
             if key is not None and self._pool is not None:
                 self._pool.refill(key)  # after the run: refills do not compete with it
+
+    async def _cold_copy(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
+        """Run cold what was written to the detached workspace of a forked sandbox that
+        died before its run: in a copy of it (the runner removes the original)."""
+        workdir = await anyio.to_thread.run_sync(
+            self._workspaces.create, spec.execution_id, spec.limits.disk_mb
+        )
+        try:
+            await anyio.to_thread.run_sync(_copy_tree, spec.workdir, workdir)
+            cold = dataclasses.replace(spec, workdir=workdir)
+            return await self._supervised(Box(), cold, sink, self._launch)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._workspaces.remove, workdir)
 
     def _key(self, spec: RunSpec) -> PoolKey | None:
         return pool_key(spec, launch_env(spec.env), cgroups=self._cgroups is not None)
@@ -278,9 +320,18 @@ class BwrapBackend:
     # --- the pool's factory --------------------------------------------------------
 
     async def make(self, key: PoolKey, template: RunSpec) -> Entry | None:
-        """A sandbox for ``key`` started up to its job, in a workspace of its own."""
+        """A sandbox for ``key`` started up to its job, in a workspace of its own: forked
+        from the key's zygote where one serves it (``zygote.py``), else by bwrap."""
         assert self._launcher is not None
         name = f"{POOL_PREFIX}{self._instance}-{next(self._names)}"
+        zygotes = self._zygotes
+        if zygotes is not None and zygotes.serves(key) and not zygotes.broken(key):
+            spec = self._warming(template, name, Path(SANDBOX_WORKDIR))
+            made = await zygotes.sandbox(key, spec)
+            if made is not None:
+                return Entry(key, *made)
+            if not zygotes.broken(key):
+                return None
         workdir = await anyio.to_thread.run_sync(self._workspaces.create, name, key.disk_mb)
         box = Box()
         spec = self._warming(template, name, workdir)
@@ -309,6 +360,10 @@ class BwrapBackend:
         await self._release_box(entry.box)
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self._workspaces.remove, entry.workdir)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
 
 
 def _job_env(spec: RunSpec) -> dict[str, str]:

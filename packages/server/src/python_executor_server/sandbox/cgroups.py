@@ -51,7 +51,9 @@ class Usage:
 
 
 class Slot(Protocol):
-    def configure(self, limits: Limits) -> None: ...
+    def configure(self, limits: Limits, *, reset: bool = True) -> None:
+        """Set ``limits`` (only what changed); ``reset``: restart the usage counters."""
+
     def add(self, pid: int) -> None: ...
     def pids(self) -> list[int]: ...
     def signal_all(self, signum: int) -> None: ...
@@ -94,13 +96,14 @@ class V1Slot:
         with contextlib.suppress(OSError):
             fs.write(self.dirs["memory"] / "memory.force_empty", "0")
 
-    def configure(self, limits: Limits) -> None:
+    def configure(self, limits: Limits, *, reset: bool = True) -> None:
         self._set_memory(str(limits.memory_mb * MIB))
         self._set(self.dirs["pids"] / "pids.max", str(limits.pids))
         if "cpu" in self.dirs:
             shares = str(min(max(limits.cpu_shares, 2), 262144))
             self._set(self.dirs["cpu"] / "cpu.shares", shares)
-        self._reset_counters()
+        if reset:
+            self._reset_counters()
 
     def _set_memory(self, limit: str) -> None:
         mem = self.dirs["memory"]
@@ -220,7 +223,7 @@ class V2Slot:
         self._set = fs.Written()
         self._cpu_base = 0  # usage_usec cannot be reset: subtracted instead
 
-    def configure(self, limits: Limits) -> None:
+    def configure(self, limits: Limits, *, reset: bool = True) -> None:
         self._set(self.dir / "memory.max", str(limits.memory_mb * MIB))
         with contextlib.suppress(FileNotFoundError):
             self._set(self.dir / "memory.swap.max", "0")
@@ -230,7 +233,8 @@ class V2Slot:
             self._set(self.dir / "cpu.weight", str(1 + ((shares - 2) * 9999) // 262142))
         # memory.peak stays (resetting it is per open file on recent kernels only): a
         # pre-started sandbox's peak includes its interpreter's start, as a cold one's does.
-        self._cpu_base = fs.keyed(self.dir / "cpu.stat", "usage_usec") or 0
+        if reset:
+            self._cpu_base = fs.keyed(self.dir / "cpu.stat", "usage_usec") or 0
 
     def add(self, pid: int) -> None:
         fs.write(self.dir / "cgroup.procs", str(pid))

@@ -25,15 +25,22 @@ from __future__ import annotations
 import json
 import os
 import resource
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
 
 from ..settings import Settings
 from . import seccomp
-from .base import JOB_FD_OPTION, SANDBOX_GID, SANDBOX_TMPDIR, SANDBOX_UID, SANDBOX_WORKDIR, RunSpec
+from .base import (
+    JOB_FD_OPTION,
+    SANDBOX_GID,
+    SANDBOX_TMPDIR,
+    SANDBOX_UID,
+    SANDBOX_WORKDIR,
+    RunSpec,
+)
 from .box import Box, Pipes
 from .cgroups import Cgroups, Slot
 from .network import attach_network
@@ -42,6 +49,7 @@ from .process import CappedBuffer, Fds, PidHandle, pump, schedule
 from .rlimits import prlimit_argv, rlimits_for
 from .rootfs import HOSTNAME, RootFs
 from .spawner import Spawner
+from .zygote_source import zygote_source
 
 SETUP_TIMEOUT = 30.0  # bwrap reporting its namespace init (a loaded host can be slow)
 # Read by the dynamic loader, libc or the interpreter while a process starts: a
@@ -111,49 +119,99 @@ class Launcher:
         )
         if self.cgroups is not None:
             box.slot = await self.cgroups.acquire()
-            box.slot.configure(spec.limits)
+            box.slot.configure(spec.limits, reset=not ahead)  # (at hand-off for the pool)
         with anyio.CancelScope(shield=True):  # a bwrap started must be known, to be killed
             box.child = child = await self.spawner.spawn(argv, layout.fds, env={})
         if ahead:  # before bwrap forks its init, mostly: that one is set again below
             schedule([child.pid], idle=True)
+            box.idle = True
         # Our copies of the child's ends go, except block's read end: a byte still
         # in it after the run means bwrap died before starting the command.
         box.fds.close(*(fd for fd in layout.fds.values() if fd != pipes.block[0]))
         await self._release(spec, box, pipes, ahead)
 
+    async def start_zygote(self, spec: RunSpec, box: Box, control: int) -> None:
+        """Spawn the zygote of ``spec``'s pool key into ``box`` (``zygote.py``), confined
+        like a run. ``box.released`` stays False if it failed. It is scheduled as any
+        process (not at SCHED_IDLE as bwrap's pre-started sandboxes are): a fork costs
+        little, and one that could starve would leave a busy host without sandboxes.
+
+        Its command line is a pre-started program's to the byte, ``control`` (its end
+        of the control socket) standing at the job fd's number: a run forked from it
+        shows the same ``/proc/self/cmdline``. The driver tells it is a zygote from its
+        source (``zygote_source.py``)."""
+        box.pipes = pipes = Pipes.create(box.fds, result=False, job=False)
+        source = c_source(spec.argv, spec.prestart)
+        if source is None:
+            raise ValueError("a zygote needs a pre-startable -c program")
+        source = zygote_source(source)
+        code = await self.precompiled.get(spec.interpreter, source)
+        layout = self._layout(spec, pipes, box.fds, code, zygote_control=control)
+        launch = [*spec.argv[: spec.prestart - 1], source]
+        argv = self._launcher(spec) + self._bwrap_args(spec, layout, None, zygote=True)
+        argv += self._command(replace(spec, argv=tuple(launch)), layout)
+        if self.cgroups is not None:
+            box.slot = await self.cgroups.acquire()
+            box.slot.configure(spec.limits, reset=False)
+        with anyio.CancelScope(shield=True):
+            box.child = await self.spawner.spawn(argv, layout.fds, env={})
+        box.fds.close(*(fd for fd in layout.fds.values() if fd != pipes.block[0]))
+        await self._release(spec, box, pipes, ahead=False)
+
     async def _code(self, spec: RunSpec) -> bytes | None:
         source = c_source(spec.argv, spec.prestart) if spec.prestart else None
         return None if source is None else await self.precompiled.get(spec.interpreter, source)
 
-    def _layout(self, spec: RunSpec, pipes: Pipes, fds: Fds, code: bytes | None) -> _Layout:
+    def _layout(
+        self,
+        spec: RunSpec,
+        pipes: Pipes,
+        fds: Fds,
+        code: bytes | None,
+        *,
+        zygote_control: int | None = None,
+    ) -> _Layout:
         """Which of our fds bwrap gets at which number: 0-2, the result pipe at
-        ``result_fd``, info/block/job/seccomp/code on the lowest other numbers."""
+        ``result_fd``, info/block/job/seccomp/code on the lowest other numbers. A
+        zygote's: its control socket at the job's number, no filter (its runs install
+        it), and the numbers after as a pre-started program has them."""
         if spec.result_fd is not None and spec.result_fd < 3:
             raise ValueError(f"result_fd must be 3 or more, not {spec.result_fd}")
         mapping = {0: pipes.stdin[0], 1: pipes.out[1], 2: pipes.err[1]}
         if pipes.result is not None and spec.result_fd is not None:
             mapping[spec.result_fd] = pipes.result[1]
-        free = (n for n in range(3, 1024) if n != spec.result_fd)
+        free = _free_fds(spec.result_fd)
         info, block = next(free), next(free)
         mapping[info], mapping[block] = pipes.info[1], pipes.block[0]
         job = None
-        if pipes.job is not None:
+        if pipes.job is not None or zygote_control is not None:
             job = next(free)
-            mapping[job] = pipes.job[1]
+            mapping[job] = pipes.job[1] if pipes.job is not None else zygote_control  # type: ignore[assignment]
         seccomp_at = None
         if self.seccomp:
             seccomp_at = next(free)
-            mapping[seccomp_at] = fds.memfd(seccomp.compile_filter(allow_inet=spec.limits.network))
+            if zygote_control is None:
+                bpf = seccomp.compile_filter(allow_inet=spec.limits.network)
+                mapping[seccomp_at] = fds.memfd(bpf)
+            else:
+                seccomp_at = None
         code_at = None
         if code is not None:
             code_at = next(free)
             mapping[code_at] = fds.memfd(code)
         return _Layout(mapping, info=info, block=block, job=job, seccomp=seccomp_at, code=code_at)
 
-    def _bwrap_args(self, spec: RunSpec, layout: _Layout, tmp: Path | None) -> list[str]:
+    def _bwrap_args(
+        self, spec: RunSpec, layout: _Layout, tmp: Path | None, *, zygote: bool = False
+    ) -> list[str]:
+        """bwrap's options for one run; for a zygote (``zygote.py``) the same but for
+        what each of its runs sets up itself: user namespaces allowed, no seccomp filter
+        (both applied to each run), the host's /proc (a run mounts its own over it: the
+        kernel lets a user namespace mount a proc only where one is fully visible), and
+        empty /work and /tmp."""
         args = [self.tools.bwrap, "--unshare-user", "--uid", str(SANDBOX_UID)]
         args += ["--gid", str(SANDBOX_GID)]
-        if self.tools.disable_userns:
+        if self.tools.disable_userns and not zygote:
             args.append("--disable-userns")
         args += ["--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-net"]
         args += ["--unshare-cgroup-try", "--die-with-parent", "--new-session"]
@@ -162,7 +220,10 @@ class Launcher:
         for key, value in env.items():
             args += ["--setenv", key, value]
         args += self.rootfs.base_args(network=spec.limits.network)
-        args += ["--bind", str(spec.workdir), SANDBOX_WORKDIR, *self._tmp_args(spec, tmp)]
+        if zygote:
+            args += ["--dir", SANDBOX_WORKDIR, "--dir", SANDBOX_TMPDIR]
+        else:
+            args += ["--bind", str(spec.workdir), SANDBOX_WORKDIR, *self._tmp_args(spec, tmp)]
         args += self.rootfs.interpreter_args(spec.interpreter)
         args += self.rootfs.mount_args(spec.mounts)
         args += ["--remount-ro", "/", "--chdir", SANDBOX_WORKDIR]
@@ -216,13 +277,13 @@ class Launcher:
         box.init = PidHandle(pid)
         # Writing cgroup.procs waits for an RCU grace period in each v1 hierarchy:
         # milliseconds the event loop must not spend blocked.
-        await anyio.to_thread.run_sync(self._confine, spec, box.slot, pid, ahead)
+        await anyio.to_thread.run_sync(self.confine, spec, box.slot, pid, ahead)
         if spec.limits.network:
             box.network = await attach_network(pid, self.settings)
         os.write(pipes.block[1], b"x")
         box.released = True
 
-    def _confine(self, spec: RunSpec, slot: Slot | None, pid: int, ahead: bool) -> None:
+    def confine(self, spec: RunSpec, slot: Slot | None, pid: int, ahead: bool) -> None:
         """The init's scheduling class, rlimits and cgroups: what it forks inherits them."""
         if ahead:
             schedule([pid], idle=True)
@@ -231,6 +292,18 @@ class Launcher:
                 _lower(pid, which, value)
         if slot is not None:
             slot.add(pid)
+
+
+def _free_fds(result_fd: int | None) -> Iterator[int]:
+    """The fd numbers bwrap gets ours at, in order: info, block, job, seccomp, code."""
+    return (n for n in range(3, 1024) if n != result_fd)
+
+
+def job_fd_number(result_fd: int | None) -> int:
+    """Where a pre-started program finds its job socket (as ``_layout`` places it)."""
+    free = _free_fds(result_fd)
+    next(free), next(free)
+    return next(free)
 
 
 def _lower(pid: int, which: int, value: int) -> None:

@@ -102,3 +102,33 @@ def traversable_by(path: Path, uid: int, gid: int) -> bool:
         if not st.st_mode & bit:
             return False
     return True
+
+
+# The new mount API (Linux 5.2+; the same syscall numbers on every architecture).
+_FSOPEN, _FSCONFIG, _FSMOUNT = 430, 431, 432
+_FSCONFIG_SET_STRING, _FSCONFIG_CMD_CREATE = 1, 6
+MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x2, 0x4
+_libc.syscall.restype = ctypes.c_long
+
+
+def _syscall(what: str, *args: object) -> int:
+    rc = int(_libc.syscall(*args))
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def detached_tmpfs(options: dict[str, str], attributes: int) -> int:
+    """A tmpfs mounted nowhere yet (fsopen/fsconfig/fsmount): an fd for its root that a
+    process in another mount namespace can attach with move_mount. Its files are reached
+    through ``/proc/self/fd/<fd>/`` meanwhile; it is freed when no fd nor mount holds it."""
+    context = _syscall("fsopen tmpfs", _FSOPEN, b"tmpfs", 1)  # FSOPEN_CLOEXEC
+    try:
+        for key, value in options.items():
+            args = (context, _FSCONFIG_SET_STRING, key.encode(), value.encode(), 0)
+            _syscall(f"fsconfig {key}", _FSCONFIG, *args)
+        _syscall("fsconfig create", _FSCONFIG, context, _FSCONFIG_CMD_CREATE, None, None, 0)
+        return _syscall("fsmount", _FSMOUNT, context, 1, attributes)  # FSMOUNT_CLOEXEC
+    finally:
+        os.close(context)

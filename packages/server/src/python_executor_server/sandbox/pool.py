@@ -144,10 +144,7 @@ class SandboxPool:
         return state
 
     def _pick(self, state: _Key) -> Entry | None:
-        dead = [e for e in state.idle if not e.box.alive()]
-        for gone in dead:
-            state.idle.remove(gone)
-        self._discard(dead)
+        self._prune(state)
         ready = next((e for e in state.idle if e.box.ready()), None)
         entry = ready or (state.idle[0] if state.idle else None)
         if entry is not None:
@@ -159,7 +156,10 @@ class SandboxPool:
     def refill(self, key: PoolKey) -> None:
         """Start what ``key`` lacks (in the background); call when a run of it ended."""
         state = self._keys.get(key)
-        if state is None or self._closed or time.monotonic() < state.quiet_until:
+        if state is None or self._closed:
+            return
+        self._prune(state)  # the dead are replaced, not counted
+        if time.monotonic() < state.quiet_until:
             return
         while len(state.idle) + state.filling < self._size:
             state.filling += 1
@@ -189,6 +189,12 @@ class SandboxPool:
         state.failures += 1
         pause = min(BACKOFF_FIRST * 2 ** (state.failures - 1), BACKOFF_MAX)
         state.quiet_until = time.monotonic() + pause
+
+    def _prune(self, state: _Key) -> None:
+        dead = [e for e in state.idle if not e.box.alive()]
+        for gone in dead:
+            state.idle.remove(gone)
+        self._discard(dead)
 
     def _discard(self, entries: Iterable[Entry]) -> None:
         for entry in list(entries):

@@ -87,6 +87,47 @@ class PidHandle:
             self._pidfd = None
 
 
+class StatusChild:
+    """A zygote's fork as ``Box`` sees it in place of bwrap (``zygote.py``): its end and
+    exit status come over the status pipe (it is not our child); killed through a pidfd."""
+
+    def __init__(self, pid: int, status_fd: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._fd = status_fd
+        self._data = b""
+        self._pid = PidHandle(pid)
+
+    async def wait(self) -> int:
+        while self.returncode is None:
+            await anyio.wait_readable(self._fd)
+            self._read()
+        return self.returncode
+
+    def exited(self) -> bool:
+        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
+            self._read()
+        return self.returncode is not None
+
+    def _read(self) -> None:
+        os.set_blocking(self._fd, False)
+        try:
+            chunk = os.read(self._fd, 64)
+        except BlockingIOError:
+            return
+        self._data += chunk
+        if chunk and not self._data.endswith(b"\n"):
+            return
+        try:
+            self.returncode = int(self._data)
+        except ValueError:
+            self.returncode = -9  # ended without a word: killed
+        self._pid.close()
+
+    def kill(self) -> None:
+        self._pid.kill()
+
+
 def fd_actions(fds: Mapping[int, int]) -> list[tuple[int, int, int] | tuple[int, int]]:
     """posix_spawn file actions giving the child ``fds`` (child fd -> our fd) and closing
     every other fd of ours it would inherit."""
@@ -144,6 +185,11 @@ class Fds:
         ours, theirs = (s.detach() for s in socket.socketpair())  # close-on-exec, like pipes
         self._open.update((ours, theirs))
         return ours, theirs
+
+    def adopt(self, fd: int) -> int:
+        """Close ``fd`` with the others."""
+        self._open.add(fd)
+        return fd
 
     def devnull(self) -> int:
         fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)

@@ -25,12 +25,21 @@ import shutil
 from pathlib import Path
 
 from ..errors import SandboxError
-from .mounts import MS_NODEV, MS_NOSUID, mount, unmount
+from .mounts import (
+    MOUNT_ATTR_NODEV,
+    MOUNT_ATTR_NOSUID,
+    MS_NODEV,
+    MS_NOSUID,
+    detached_tmpfs,
+    mount,
+    unmount,
+)
 
 WORK_DIR = "work"
 TMP_DIR = "tmp"
 INODES_PER_MB = 64
 FEW_INODES = 32  # see holds_little
+DETACHED_PREFIX = "/proc/self/fd/"  # create_detached: a workspace reached through its fd
 POOL_PREFIX = "pool-"  # pool-<server pid>-<random>-<n>: a pre-started sandbox's workspace
 
 
@@ -40,32 +49,64 @@ class Workspaces:
         self.uid = uid
         self.tmpfs = tmpfs
         self.min_inodes = min_inodes
+        self._detached: dict[Path, int] = {}  # create_detached: workdir -> its tmpfs fd
 
     def create(self, execution_id: str, disk_mb: int) -> Path:
         root = self._root_for(execution_id)
         root.mkdir(mode=0o700)
         try:
             if self.tmpfs:
-                inodes = max(self.min_inodes, disk_mb * INODES_PER_MB)
-                options = (
-                    f"size={disk_mb}m,nr_inodes={inodes},mode=0700,uid={self.uid},gid={self.uid}"
-                )
+                options = ",".join(f"{k}={v}" for k, v in self._options(disk_mb).items())
                 mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, options)
-            (root / WORK_DIR).mkdir(mode=0o755)
-            (root / TMP_DIR).mkdir(mode=0o777)
-            os.chmod(root / TMP_DIR, 0o1777)
-            if os.geteuid() == 0:
-                for path in (root, root / WORK_DIR, root / TMP_DIR):
-                    os.chown(path, self.uid, self.uid)
+            self._populate(root)
         except BaseException:
             self.remove(root / WORK_DIR)
             raise
         return root / WORK_DIR
 
+    def create_detached(self, disk_mb: int) -> tuple[int, Path]:
+        """The same workspace as a tmpfs mounted nowhere (as root): its fd, for a sandbox
+        to attach in its own mount namespace, and the path of its ``work`` dir meanwhile
+        (through the fd, which ``remove`` closes: the path is unique until then)."""
+        options = {"source": "tmpfs", **self._options(disk_mb)}
+        fd = detached_tmpfs(options, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        root = Path(f"{DETACHED_PREFIX}{fd}")
+        self._detached[root / WORK_DIR] = fd
+        try:
+            self._populate(root)
+        except BaseException:
+            self.remove(root / WORK_DIR)
+            raise
+        return fd, root / WORK_DIR
+
+    def _options(self, disk_mb: int) -> dict[str, str]:
+        inodes = max(self.min_inodes, disk_mb * INODES_PER_MB)
+        uid = str(self.uid)
+        return {
+            "size": f"{disk_mb}m",
+            "nr_inodes": str(inodes),
+            "mode": "0700",
+            "uid": uid,
+            "gid": uid,
+        }
+
+    def _populate(self, root: Path) -> None:
+        (root / WORK_DIR).mkdir(mode=0o755)
+        (root / TMP_DIR).mkdir(mode=0o777)
+        os.chmod(root / TMP_DIR, 0o1777)
+        if os.geteuid() == 0:
+            for path in (root, root / WORK_DIR, root / TMP_DIR):
+                os.chown(path, self.uid, self.uid)
+
     def tmp_for(self, workdir: Path) -> Path:
         return workdir.parent / TMP_DIR
 
     def remove(self, workdir: Path) -> None:
+        if str(workdir).startswith(DETACHED_PREFIX):
+            fd = self._detached.pop(workdir, None)  # its path is valid until now
+            if fd is not None:
+                os.close(fd)  # freed with the last mount of it (the sandbox's)
+            return
         root = workdir.parent if workdir.name == WORK_DIR else workdir
         if root.parent.resolve() != self.runs_path.resolve() or root.name.startswith("."):
             raise SandboxError(f"not a workspace of this backend: {workdir}")

@@ -1,0 +1,228 @@
+"""Pooled sandboxes forked from a zygote (sandbox/zygote.py), attacked from inside.
+
+With the defaults (root, cgroups, seccomp) every pooled run without network is a fork
+of its key's zygote. These programs try what a fork could do that a bwrap-started
+sandbox could not: reach the zygote or a concurrent run, keep privileges, make
+namespaces or mounts, see the host's or the zygote's /proc, read the init's memory.
+Every run also passes the harness's checks: nothing of it is left, on the host or in
+its pid namespace. The contract suite and test_bwrap_pool.py run the rest of the
+behaviour (limits, timeouts, output, what a run sees) over the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import replace
+
+import anyio
+import pytest
+from bwrap_harness import Harness, driver_spec, eventually, run_driver
+from python_executor_server.sandbox.base import CollectedOutput
+from python_executor_server.sandbox.workspace import DETACHED_PREFIX
+from test_seccomp import PROBE_PROGRAM, PROBES
+
+pytestmark = pytest.mark.sandbox
+
+
+def zygote_made(harness: Harness) -> int:
+    described = harness.backend.describe()["zygote"]
+    assert described is not None, "the zygote is off"
+    return int(described["made"])
+
+
+def the_zygote(harness: Harness) -> int:
+    """Host pid of the (one) zygote process: bwrap's init's child."""
+    zygotes = harness.backend._zygotes
+    assert zygotes is not None
+    (zygote,) = zygotes._zygotes.values()
+    assert zygote.box.init is not None
+    init = zygote.box.init.pid
+    with open(f"/proc/{init}/task/{init}/children") as f:
+        (pid,) = f.read().split()
+    return int(pid)
+
+
+@pytest.mark.timeout(60)
+async def test_pooled_runs_are_forked_from_the_zygote(sandbox: Harness) -> None:
+    code = """
+        import os
+        print(os.getpid(), os.getppid(), os.getuid(), os.getcwd(), sorted(os.listdir('/work')))
+    """
+    ran = await run_driver(sandbox, code, pooled=True)
+    assert ran.outcome.exit_code == 0, ran.stderr
+    assert ran.stdout == "2 1 1000 /work ['main.py']\n"  # pid 2 under its init, as bwrap's
+    assert str(ran.workdir).startswith(DETACHED_PREFIX)
+    assert zygote_made(sandbox) >= 1
+
+
+@pytest.mark.timeout(60)
+async def test_a_forked_run_has_no_privilege_and_the_filter(sandbox: Harness) -> None:
+    code = """
+        import ctypes, errno, json, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines())
+        def err(r):
+            return 'ok' if r == 0 else errno.errorcode[ctypes.get_errno()]
+        print(json.dumps({
+            'caps': [status[k].strip() for k in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb')],
+            'nnp': status['NoNewPrivs'].strip(), 'seccomp': status['Seccomp'].strip(),
+            'unshare_user': err(libc.unshare(0x10000000)),
+            'unshare_mount': err(libc.unshare(0x00020000)),
+            'mount_tmpfs': err(libc.mount(b'x', b'/tmp', b'tmpfs', 0, None)),
+            'umount_proc': err(libc.umount2(b'/proc', 2)),
+            'setns': err(libc.setns(os.open('/proc/self/ns/mnt', os.O_RDONLY), 0)),
+        }))
+    """
+    ran = await run_driver(sandbox, code, pooled=True)
+    assert ran.outcome.exit_code == 0, ran.stderr
+    view = json.loads(ran.stdout)
+    assert view["caps"] == ["0000000000000000"] * 5
+    assert (view["nnp"], view["seccomp"]) == ("1", "2")
+    for call in ("unshare_user", "unshare_mount", "mount_tmpfs", "umount_proc", "setns"):
+        assert view[call] == "EPERM", (call, view)
+
+
+@pytest.mark.timeout(120)
+async def test_every_hostile_syscall_is_refused_in_a_forked_run(sandbox: Harness) -> None:
+    """The seccomp suite's probes (test_seccomp.py), in a fork of the zygote: the filter
+    each run installs itself is the one bwrap installs."""
+    arg = json.dumps({name: [nr, args] for name, (nr, args, _) in PROBES.items()})
+    ran = await run_driver(sandbox, PROBE_PROGRAM, pooled=True, args=(arg,))
+    assert ran.outcome.exit_code == 0, ran.stderr
+    results = json.loads(ran.stdout.strip().splitlines()[-1])
+    refused = {name: results[name] for name in PROBES}
+    assert refused == {name: expected for name, (_, _, expected) in PROBES.items()}
+
+
+@pytest.mark.timeout(60)
+async def test_the_init_and_the_zygote_are_out_of_reach(sandbox: Harness) -> None:
+    code = """
+        import json, os
+        def attempt(path):
+            try:
+                with open(path, 'rb') as f:
+                    return 'read %d bytes' % len(f.read(64))
+            except OSError as exc:
+                return type(exc).__name__
+        print(json.dumps({
+            'init_mem': attempt('/proc/1/mem'),
+            'init_environ': attempt('/proc/1/environ'),
+            'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+        }))
+    """
+    assert await sandbox.backend.wait_warm(driver_spec(sandbox, marker="x"))
+    zygote = the_zygote(sandbox)
+    ran = await run_driver(sandbox, code, pooled=True)
+    assert ran.outcome.exit_code == 0, ran.stderr
+    view = json.loads(ran.stdout)
+    assert view["init_mem"] == "PermissionError"  # the init is a copy of the zygote
+    assert view["init_environ"] == "PermissionError"
+    assert view["pids"] == [1, 2]  # its own init and itself: no zygote, no other run
+    assert the_zygote(sandbox) == zygote  # still the same one
+
+
+@pytest.mark.timeout(90)
+async def test_concurrent_runs_cannot_see_or_kill_each_other(sandbox: Harness) -> None:
+    """A run that kills everything it can (kill -1) while another runs beside it, forked
+    from the same zygote: the other one finishes untouched, the zygote lives on."""
+    assert await sandbox.backend.wait_warm(driver_spec(sandbox, marker="x"), count=2)
+    zygote = the_zygote(sandbox)
+    victim = """
+        import os, time
+        open('/tmp/mine', 'w').write('secret')
+        time.sleep(1.5)
+        print('victim done', open('/tmp/mine').read(), sorted(os.listdir('/work')))
+    """
+    attacker = """
+        import os, signal
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process it may signal (not itself, its init)
+        except ProcessLookupError:
+            pass  # there was none
+        print('attacker', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
+              os.path.exists('/tmp/mine'), sorted(os.listdir('/work')))
+    """
+    results = {}
+
+    async def run(name: str, code: str) -> None:
+        results[name] = await run_driver(sandbox, code, pooled=True)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, "victim", victim)
+        await anyio.sleep(0.3)
+        tg.start_soon(run, "attacker", attacker)
+    assert results["attacker"].stdout == "attacker [1, 2] False ['main.py']\n", results["attacker"]
+    assert results["victim"].outcome.exit_code == 0, results["victim"].stderr
+    assert results["victim"].stdout == "victim done secret ['main.py']\n"
+    assert the_zygote(sandbox) == zygote
+
+
+@pytest.mark.timeout(90)
+async def test_a_zygote_that_dies_is_replaced(sandbox: Harness) -> None:
+    spec = driver_spec(sandbox, marker="x")
+    assert await sandbox.backend.wait_warm(spec)
+    old = the_zygote(sandbox)
+    os.kill(old, signal.SIGKILL)  # the OOM killer, an operator
+    pool = sandbox.backend._pool
+    assert pool is not None
+    await eventually(lambda: all(not e.box.alive() for s in pool._keys.values() for e in s.idle))
+    # Its forks die with it (each is its child, and dies with its parent); the pool
+    # drops them, and the next sandboxes come from a new zygote.
+    for _ in range(4):
+        ran = await run_driver(sandbox, "print('still served')", pooled=True)
+        assert ran.outcome.exit_code == 0, ran.stderr
+        assert ran.stdout == "still served\n"
+    await eventually(lambda: sandbox.backend._zygotes and sandbox.backend._zygotes._zygotes)
+    assert the_zygote(sandbox) != old
+
+
+@pytest.mark.timeout(60)
+async def test_a_forked_runs_workspace_is_its_own_and_capped(sandbox: Harness) -> None:
+    spec = driver_spec(sandbox, marker=os.urandom(6).hex(), disk_mb=64)
+    assert await sandbox.backend.wait_warm(spec)
+    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
+    sandbox.workspaces.append(work)
+    assert str(work).startswith(DETACHED_PREFIX)
+    (work / "main.py").write_text(
+        "import os\n"
+        "st = os.statvfs('/work')\n"
+        "print(st.f_blocks * st.f_frsize // 2**20, os.statvfs('/tmp').f_fsid == st.f_fsid)\n"
+        "try:\n"
+        "    with open('/tmp/fill', 'wb') as f:\n"
+        "        f.write(b'x' * 80 * 2**20)\n"
+        "except OSError as exc:\n"
+        "    print(type(exc).__name__, exc.errno)\n"
+    )
+    out = CollectedOutput()
+    outcome = await sandbox.backend.run(replace(spec, workdir=work), out)
+    assert outcome.exit_code == 0, out.text("stderr")
+    assert out.text("stdout") == "64 True\nOSError 28\n"  # ENOSPC: /work and /tmp share 64 MiB
+    await sandbox.backend.remove_workspace(work)
+    assert work not in sandbox.backend._workspaces._detached  # its fd is closed
+
+
+@pytest.mark.timeout(60)
+async def test_a_fork_that_dies_before_its_run_runs_cold_with_the_project(
+    sandbox: Harness,
+) -> None:
+    """Handed out, written to, then killed before its run: the project written to its
+    detached workspace runs in a cold sandbox, and nothing of either is left."""
+    spec = driver_spec(sandbox, marker=os.urandom(6).hex())
+    assert await sandbox.backend.wait_warm(spec)
+    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
+    sandbox.workspaces.append(work)
+    assert str(work).startswith(DETACHED_PREFIX)
+    (work / "main.py").write_text("import helper\nprint(helper.X)\n")
+    (work / "helper.py").write_text("X = 'from the project'\n")
+    box = sandbox.backend._claimed[work].box
+    assert box.init is not None
+    os.kill(box.init.pid, signal.SIGKILL)
+    await eventually(lambda: not box.alive())
+    out = CollectedOutput()
+    outcome = await sandbox.backend.run(replace(spec, workdir=work), out)
+    assert outcome.exit_code == 0, out.text("stderr")
+    assert out.text("stdout") == "from the project\n"
+    await sandbox.backend.remove_workspace(work)
+    assert not list(sandbox.settings.runs_path.glob("exe_*"))  # the cold copy is gone
