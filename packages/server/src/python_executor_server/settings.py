@@ -87,12 +87,15 @@ class Settings(BaseSettings):
     pool_enabled: bool = Field(True, description="bwrap: keep sandboxes started ahead of runs.")
     pool_size: int = Field(2, ge=0, description="bwrap: pre-started sandboxes kept per key.")
     pool_max_keys: int = Field(4, description="bwrap: (interpreter, network, ...) kept warm.")
-    pool_refill_concurrency: int = Field(2, description="bwrap: sandboxes pre-starting at once.")
+    pool_refill_concurrency: int = Field(4, description="bwrap: sandboxes pre-starting at once.")
     pool_zygote: bool = Field(
         True,
         description="bwrap: fork pooled sandboxes without network from a zygote per key "
         "(each with namespaces, workspace, cgroup and filter of its own) instead of "
         "starting each with bwrap; needs root, cgroups and seccomp.",
+    )
+    pool_zygote_size: int = Field(
+        4, ge=0, description="bwrap: forked sandboxes kept per key (pool_size otherwise)."
     )
 
     # --- limits: defaults and maxima -----------------------------------------

@@ -394,6 +394,7 @@ def _bwrap_settings(pool: bool, zygote: bool = True) -> Iterator[Settings]:
             pool_enabled=pool,
             pool_size=1,
             pool_zygote=zygote,
+            pool_zygote_size=1,
         )
     finally:
         for point in mount_points_under(run_dir):

@@ -280,8 +280,9 @@ async def test_a_dead_pooled_sandbox_is_skipped(sandbox: Harness) -> None:
         for entry in state.idle:
             assert entry.box.init is not None
             os.kill(entry.box.init.pid, signal.SIGKILL)  # the OOM killer, an operator
-    dead = {e.workdir for s in pool._keys.values() for e in s.idle}
-    await eventually(lambda: all(not e.box.alive() for s in pool._keys.values() for e in s.idle))
+    killed = [e for s in pool._keys.values() for e in s.idle]
+    dead = {e.workdir for e in killed}
+    await eventually(lambda: all(not e.box.alive() for e in killed))
     work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
     sandbox.workspaces.append(work)
     assert work not in dead
@@ -334,8 +335,10 @@ async def test_runs_the_pool_cannot_serve_go_cold(sandbox: Harness) -> None:
 async def test_the_pool_refills_and_describes_itself(sandbox: Harness) -> None:
     for _ in range(3):
         await run_driver(sandbox, "pass", pooled=True)
+    settings = sandbox.settings
+    size = settings.pool_zygote_size if settings.pool_zygote else settings.pool_size
     spec = driver_spec(sandbox, marker="x")
-    assert await sandbox.backend.wait_warm(spec, count=2)
+    assert await sandbox.backend.wait_warm(spec, count=size)
     pool = sandbox.backend.describe()["pool"]
     assert pool["size"] == 2 and pool["hits"] >= 3
     (key,) = pool["keys"]
@@ -343,9 +346,10 @@ async def test_the_pool_refills_and_describes_itself(sandbox: Harness) -> None:
         "python": sandbox.interpreter.version,
         "network": False,
         "disk_mb": 64,
-        "idle": 2,
-        "ready": 2,
+        "idle": size,
+        "ready": size,
         "starting": 0,
+        "size": size,
     }
 
 

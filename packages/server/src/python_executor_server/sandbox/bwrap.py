@@ -319,6 +319,12 @@ class BwrapBackend:
 
     # --- the pool's factory --------------------------------------------------------
 
+    def pool_size(self, key: PoolKey) -> int:
+        zygotes = self._zygotes
+        if zygotes is not None and zygotes.serves(key) and not zygotes.broken(key):
+            return self.settings.pool_zygote_size
+        return self.settings.pool_size
+
     async def make(self, key: PoolKey, template: RunSpec) -> Entry | None:
         """A sandbox for ``key`` started up to its job, in a workspace of its own: forked
         from the key's zygote where one serves it (``zygote.py``), else by bwrap."""

@@ -10,7 +10,8 @@ runs once and is destroyed like any other sandbox.
 The key is everything fixed when a sandbox starts (``PoolKey``): interpreter,
 launch command and environment, network, disk size, rlimits. Keys are learned from
 the runs asked for (``take``), at most ``pool_max_keys``, least recently used
-dropped first; each keeps ``pool_size`` sandboxes. Refills start when a run of
+dropped first; each keeps ``pool_size`` sandboxes (``pool_zygote_size`` where they are
+forks of a zygote: ``zygote.py``). Refills start when a run of
 the key ends (not when it starts, so they do not compete with it), at most
 ``pool_refill_concurrency`` at a time, and warm up with the smallest CPU weight,
 so live runs win the CPU. An empty pool never makes a run wait: it goes cold.
@@ -88,6 +89,9 @@ class Factory(Protocol):
     async def make(self, key: PoolKey, template: RunSpec) -> Entry | None:
         """A started sandbox for ``key`` (``template``: a run of that key), or None."""
 
+    def pool_size(self, key: PoolKey) -> int:
+        """How many sandboxes of ``key`` to keep (forks of a zygote cost less)."""
+
     async def destroy(self, entry: Entry) -> None:
         """Kill it and remove its workspace."""
 
@@ -110,6 +114,7 @@ class SandboxPool:
         self._starting = asyncio.Semaphore(max(1, settings.pool_refill_concurrency))
         self._fills: set[asyncio.Task[None]] = set()
         self._destroys: set[asyncio.Task[None]] = set()
+        self._retries: set[asyncio.TimerHandle] = set()  # refills after a backoff
         self._closed = False
         self.hits = 0
         self.misses = 0
@@ -161,7 +166,7 @@ class SandboxPool:
         self._prune(state)  # the dead are replaced, not counted
         if time.monotonic() < state.quiet_until:
             return
-        while len(state.idle) + state.filling < self._size:
+        while len(state.idle) + state.filling < self._factory.pool_size(key):
             state.filling += 1
             self._spawn(self._fills, self._fill(key, state))
 
@@ -176,19 +181,28 @@ class SandboxPool:
         finally:
             state.filling -= 1
         if entry is None:
-            self._failed(state)
+            self._failed(key, state)
         elif self._keys.get(key) is not state or self._closed:
             await self._factory.destroy(entry)  # the key was dropped meanwhile
         else:
             state.failures = 0
             state.idle.append(entry)
 
-    def _failed(self, state: _Key) -> None:
+    def _failed(self, key: PoolKey, state: _Key) -> None:
         if self._closed:
             return
         state.failures += 1
         pause = min(BACKOFF_FIRST * 2 ** (state.failures - 1), BACKOFF_MAX)
         state.quiet_until = time.monotonic() + pause
+        # Try again then, whether or not a run of the key comes along to ask for it.
+        handle: asyncio.TimerHandle | None = None
+
+        def retry() -> None:
+            self._retries.discard(handle)
+            self.refill(key)
+
+        handle = asyncio.get_running_loop().call_later(pause, retry)
+        self._retries.add(handle)
 
     def _prune(self, state: _Key) -> None:
         dead = [e for e in state.idle if not e.box.alive()]
@@ -217,6 +231,7 @@ class SandboxPool:
                 "idle": len(state.idle),
                 "ready": sum(1 for e in state.idle if e.box.ready()),
                 "starting": state.filling,
+                "size": self._factory.pool_size(key),
             }
             for key, state in self._keys.items()
         ]
@@ -230,6 +245,8 @@ class SandboxPool:
     async def close(self) -> None:
         """Stop refilling and destroy every idle sandbox."""
         self._closed = True
+        for retry in self._retries:
+            retry.cancel()
         for task in list(self._fills):  # a start cut short cleans up after itself
             task.cancel()
         await asyncio.gather(*self._fills, *self._destroys, return_exceptions=True)

@@ -40,7 +40,7 @@ import os
 import socket
 import struct
 from collections import OrderedDict
-from collections.abc import Coroutine, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +70,7 @@ class Zygote:
     control: socket.socket  # ours; the zygote reads fork requests from the other end
     forked: int = 0  # runs made so far
     said: bytearray = field(default_factory=bytearray)  # the last of its stderr
+    listener: asyncio.Task[None] | None = None  # reads its stderr into ``said``
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,6 @@ class Zygotes:
         self._zygotes: OrderedDict[ZygoteKey, Zygote] = OrderedDict()
         self._locks: dict[ZygoteKey, anyio.Lock] = {}
         self._broken: set[ZygoteKey] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
         self.made = 0
 
     @staticmethod
@@ -194,7 +194,9 @@ class Zygotes:
             await self._close(zygote)
             return None
         assert box.pipes is not None
-        self._spawn(pump(box.pipes.err[0], lambda data: _keep_tail(zygote.said, data)))
+        zygote.listener = asyncio.get_running_loop().create_task(
+            pump(box.pipes.err[0], lambda data: _keep_tail(zygote.said, data))
+        )
         self._zygotes[key] = zygote
         return zygote
 
@@ -258,19 +260,16 @@ class Zygotes:
 
     async def _close(self, zygote: Zygote) -> None:
         zygote.control.close()  # it exits when it reads the end
+        if zygote.listener is not None:  # before its fd is closed (and its number reused)
+            zygote.listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await zygote.listener
         with anyio.CancelScope(shield=True):
             await zygote.box.cleanup(self._cgroups)
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
         for key in list(self._zygotes):
             await self._stop(key)
-        for task in list(self._tasks):
-            task.cancel()
 
 
 def _keep_tail(buffer: bytearray, data: bytes) -> None:
