@@ -48,6 +48,7 @@ def serve(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http="httptools",  # a pinned dependency: parsing in C costs a third less CPU than h11
         log_level=settings.log_level,
         access_log=settings.log_level == "debug",
         timeout_graceful_shutdown=10,

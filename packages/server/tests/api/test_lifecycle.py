@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -165,3 +167,45 @@ def test_restart_durability(make_server: type[ServerProcess]) -> None:
         body = c.get(f"/api/v1/executions/{stuck}").json()
         assert body["status"] == "failed"
         assert body["error"] == "server restarted"
+
+
+def test_an_eval_answers_with_the_record_the_store_keeps(client: httpx2.Client) -> None:
+    body = eval_(client, "import sys\nprint('out')\nprint('err', file=sys.stderr)\n1 / 0")
+    assert body["error_type"] == "ZeroDivisionError"
+    assert client.get(f"/api/v1/executions/{body['execution_id']}").json() == body
+
+
+def _runs_dir(server: ServerProcess) -> Path:
+    """Where ``server`` keeps its workspaces (``ServerProcess`` picks it by uid)."""
+    if os.geteuid() == 0:
+        return Path(f"/run/pyexec-test-{server.tag}")
+    return server.data_dir / "runs"
+
+
+def _workspaces(runs: Path) -> list[str]:
+    return sorted(p.name for p in runs.glob("exe_*")) if runs.is_dir() else []
+
+
+def test_workspaces_go_after_the_answer_and_before_shutdown_ends(
+    make_server: type[ServerProcess],
+) -> None:
+    # Without a pool every run gets a workspace of its own, named after the execution
+    # (a pooled one's is the sandbox's: tests/sandbox/test_bwrap_zygote.py).
+    server = make_server({"PYEXEC_POOL_ENABLED": "false"}).start()
+    runs = _runs_dir(server)
+    with httpx2.Client(base_url=server.url, timeout=60) as c:
+        for _ in range(3):
+            assert eval_(c, "open('left.txt', 'w').write('x')")["status"] == "completed"
+        deadline = time.monotonic() + 10
+        while _workspaces(runs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _workspaces(runs) == []
+        running = submit(c, "import time\ntime.sleep(60)")
+        wait_status(c, running, {"running"})
+        assert _workspaces(runs) == [running]
+    server.stop()  # SIGTERM: the run is stopped, and its workspace removed before the exit
+    assert _workspaces(runs) == []
+    server.start()
+    with httpx2.Client(base_url=server.url, timeout=60) as c:
+        body = c.get(f"/api/v1/executions/{running}").json()
+    assert (body["status"], body["error"]) == ("failed", "server shutting down")

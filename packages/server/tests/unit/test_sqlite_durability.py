@@ -14,7 +14,12 @@ from pathlib import Path
 import pytest
 from python_executor_client.models import ExecutionStatus
 from python_executor_server.store.base import ExecutionRecord
-from python_executor_server.store.sqlite import SCHEMA_VERSION, SqliteStore
+from python_executor_server.store.sqlite import (
+    CHECKPOINT_EVERY,
+    DELETE_BATCH,
+    SCHEMA_VERSION,
+    SqliteStore,
+)
 
 T0 = datetime(2026, 11, 26, 14, 0, tzinfo=UTC)
 
@@ -124,11 +129,55 @@ async def test_committed_writes_survive_the_process_being_killed(db_path: Path) 
 
 
 async def test_file_settings(store: SqliteStore, db_path: Path) -> None:
-    assert list(await store.db.execute_fetchall("PRAGMA synchronous")) == [(1,)]  # NORMAL
+    assert store.db.execute("PRAGMA synchronous").fetchall() == [(1,)]  # NORMAL
     with sqlite3.connect(db_path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         assert other.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     other.close()
+
+
+async def test_checkpoints_move_the_wal_into_the_database_file(
+    store: SqliteStore, db_path: Path, tmp_path: Path
+) -> None:
+    # The loop's connection never checkpoints (its fsyncs would stall the event loop) ...
+    assert store.db.execute("PRAGMA wal_autocheckpoint").fetchall() == [(0,)]
+    records = [ExecutionRecord.new(request={"n": n}) for n in range(CHECKPOINT_EVERY)]
+    for record in records:
+        await store.create(record)
+    # ... a thread does, on its own connection: the database file alone then has them all.
+    deadline = asyncio.get_running_loop().time() + 10
+    while (count := _rows_in_file_alone(db_path, tmp_path)) < len(records):
+        assert asyncio.get_running_loop().time() < deadline, f"{count} rows checkpointed"
+        await asyncio.sleep(0.05)
+    assert count == len(records)
+
+
+def _rows_in_file_alone(db_path: Path, tmp_path: Path) -> int:
+    """The records a copy of the database file holds without its -wal file beside it."""
+    alone = tmp_path / "alone.db"
+    alone.write_bytes(db_path.read_bytes())
+    copy = sqlite3.connect(alone)
+    try:
+        return int(copy.execute("SELECT count(*) FROM executions").fetchone()[0])
+    except sqlite3.OperationalError:  # not even the schema was checkpointed yet
+        return 0
+    finally:
+        copy.close()
+        alone.unlink()
+
+
+async def test_retention_deletes_every_expired_record_in_batches(store: SqliteStore) -> None:
+    expired = set()
+    for _ in range(2 * DELETE_BATCH + 7):
+        record = full_record()
+        await store.create(record)
+        expired.add(record.execution_id)
+    kept = full_record().evolve(finished_at=T0 + timedelta(days=2))
+    await store.create(kept)
+    removed = await store.delete_finished_before(T0 + timedelta(days=1))
+    assert sorted(removed) == sorted(expired)
+    assert await store.count(ExecutionStatus.COMPLETED) == 1
+    assert await store.get(kept.execution_id) == kept
 
 
 async def test_reopening_keeps_the_schema_and_data(db_path: Path) -> None:
@@ -147,7 +196,7 @@ async def _traced(store: SqliteStore) -> list[str]:
     seen: list[str] = []
     for _ in range(3):
         await store.create(full_record())
-    await store.db.set_trace_callback(seen.append)
+    store.set_trace_callback(seen.append)
     page, cursor = await store.list(None, 1, None)
     assert cursor is not None
     await store.list(None, 1, cursor)
@@ -156,7 +205,7 @@ async def _traced(store: SqliteStore) -> list[str]:
     await store.get(page[0].execution_id)
     await store.count(ExecutionStatus.PENDING)
     await store.delete_finished_before(T0)
-    await store.db.set_trace_callback(lambda _: None)
+    store.set_trace_callback(None)
     return [s for s in seen if s.startswith(("SELECT", "DELETE"))]
 
 
@@ -170,13 +219,15 @@ EXPECTED_PLANS = [
     "(created_at,execution_id)<(?,?))",
     "SEARCH executions USING INDEX sqlite_autoindex_executions_1 (execution_id=?)",
     "SEARCH executions USING COVERING INDEX executions_by_status (status=?)",
-    "SEARCH executions USING INDEX executions_by_finished (finished_at<?)",
+    # retention, in batches: the batch's ids by the finished_at index, then each by its key
+    "SEARCH executions USING COVERING INDEX sqlite_autoindex_executions_1 (execution_id=?)"
+    " | LIST SUBQUERY 1 | SEARCH executions USING INDEX executions_by_finished (finished_at<?)",
 ]
 
 
 async def test_queries_seek_the_right_index_and_never_sort(store: SqliteStore) -> None:
     plans = []
     for sql in await _traced(store):
-        rows = await store.db.execute_fetchall(f"EXPLAIN QUERY PLAN {sql}")
+        rows = store.db.execute(f"EXPLAIN QUERY PLAN {sql}").fetchall()
         plans.append(" | ".join(str(row[3]) for row in rows))
     assert plans == EXPECTED_PLANS

@@ -1,15 +1,20 @@
 """The steps of one run: workspace → files → requirements → sandbox → report.
 
 The runner knows nothing of statuses or stores; it turns a ``Job`` into a
-``RunReport`` and always removes what it created.
+``RunReport`` and always removes what it created: before it returns, or, given
+an exit stack, when the caller closes that (the service answers first, then
+removes the workspace).
 
 Usage::
 
     report = await runner.run("exe_...", job, capture)
+    async with contextlib.AsyncExitStack() as cleanup:
+        report = await runner.run("exe_...", job, capture, cleanup)
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -74,7 +79,22 @@ class Runner:
         self.environments = environments
         self._kept: dict[str, Path] = {}  # workspaces kept for debugging, until retention
 
-    async def run(self, execution_id: str, job: Job, sink: OutputSink) -> RunReport:
+    async def run(
+        self,
+        execution_id: str,
+        job: Job,
+        sink: OutputSink,
+        cleanup: contextlib.AsyncExitStack | None = None,
+    ) -> RunReport:
+        """Run ``job``; what it leaves goes when ``cleanup`` closes (or before returning)."""
+        if cleanup is None:
+            async with contextlib.AsyncExitStack() as own:
+                return await self._run(execution_id, job, sink, own)
+        return await self._run(execution_id, job, sink, cleanup)
+
+    async def _run(
+        self, execution_id: str, job: Job, sink: OutputSink, cleanup: contextlib.AsyncExitStack
+    ) -> RunReport:
         interpreter = self._interpreter(job.python_version)
         try:
             mounts = await self._requirements(job, interpreter)
@@ -83,20 +103,21 @@ class Runner:
         planned = self._spec(execution_id, job, interpreter, mounts)
         # The backend may hand out the workspace of a sandbox already started for it.
         workspace = await self.backend.create_workspace(execution_id, job.limits.disk_mb, planned)
-        try:
-            if job.project_dir is None:  # eval: files capped at max_eval_code_bytes, on tmpfs
-                populate_workspace(workspace, job)  # quicker than a thread hop
-            else:
-                await anyio.to_thread.run_sync(populate_workspace, workspace, job)
-            outcome = await self.backend.run(replace(planned, workdir=workspace), sink)
-            stderr = getattr(sink, "text", None)
-            return interpret_outcome(outcome, job, stderr("stderr") if stderr else "")
-        finally:
-            if self.settings.keep_workdirs:
-                self._kept[execution_id] = workspace
-            else:
-                with anyio.CancelScope(shield=True):
-                    await self.backend.remove_workspace(workspace)
+        cleanup.push_async_callback(self._leave, execution_id, workspace)
+        if job.project_dir is None:  # eval: files capped at max_eval_code_bytes, on tmpfs
+            populate_workspace(workspace, job)  # quicker than a thread hop
+        else:
+            await anyio.to_thread.run_sync(populate_workspace, workspace, job)
+        outcome = await self.backend.run(replace(planned, workdir=workspace), sink)
+        stderr = getattr(sink, "text", None)
+        return interpret_outcome(outcome, job, stderr("stderr") if stderr else "")
+
+    async def _leave(self, execution_id: str, workspace: Path) -> None:
+        if self.settings.keep_workdirs:
+            self._kept[execution_id] = workspace
+        else:
+            with anyio.CancelScope(shield=True):
+                await self.backend.remove_workspace(workspace)
 
     async def discard_workspace(self, execution_id: str) -> None:
         """Remove a workspace kept by ``keep_workdirs`` (called by retention)."""

@@ -36,7 +36,7 @@ from ..errors import ExecutorError, InvalidTransition, NotFound, QueueFull
 from ..queue.base import Bus, JobQueue
 from ..queue.local import LocalBus
 from ..settings import Settings
-from ..store.base import ExecutionRecord, StateStore, utcnow
+from ..store.base import ExecutionRecord, StateStore, new_execution_id, utcnow
 from . import states
 from .jobs import Job
 from .metrics import Metrics
@@ -68,9 +68,13 @@ class ExecutionService:
         self.bus: Bus = bus if bus is not None else LocalBus()
         self._live: dict[str, OutputCapture] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        # A waiter gets the finished record when it finished here, None when told by the bus.
+        self._waiters: dict[str, set[asyncio.Future[ExecutionRecord | None]]] = {}
+        # Submitted here, for this process's own queue: its worker need not read them back.
+        self._submitted: dict[str, tuple[ExecutionRecord, Job]] = {}
         self._killing: set[str] = set()
         self._retention: asyncio.Task[None] | None = None
+        self._uploads = settings.data_dir / "uploads"
 
     # --- start / stop -------------------------------------------------------
     async def start(self) -> None:
@@ -109,10 +113,10 @@ class ExecutionService:
 
     @property
     def uploads_dir(self) -> Path:
-        return self.settings.data_dir / "uploads"
+        return self._uploads
 
     def staging_dir(self, execution_id: str) -> Path:
-        return self.uploads_dir / execution_id
+        return self._uploads / execution_id
 
     # --- submit / wait ------------------------------------------------------
     async def submit(self, job: Job, execution_id: str | None = None) -> ExecutionRecord:
@@ -130,9 +134,12 @@ class ExecutionService:
             self._discard_staging(record.execution_id)
             raise
         await self.store.create(record)
+        if self.queue.exclusive:
+            self._submitted[record.execution_id] = (record, job)
         try:
             await self.queue.put(record.execution_id)
         except QueueFull:
+            self._submitted.pop(record.execution_id, None)
             self._discard_staging(record.execution_id)
             await self.bus.drop_project(record.execution_id)
             await self._finish(
@@ -143,8 +150,16 @@ class ExecutionService:
         return record
 
     async def run_sync(self, job: Job, execution_id: str | None = None) -> ExecutionRecord:
-        record = await self.submit(job, execution_id)
-        return await self.wait(record.execution_id)
+        execution_id = execution_id or new_execution_id()
+        waiter = self._add_waiter(execution_id)  # before submitting: no finish slips past it
+        try:
+            await self.submit(job, execution_id)
+            finished = await _finished_within(waiter, POLL_SECONDS)
+            if finished is not None:  # it finished here: the record as stored, no need to read
+                return finished
+        finally:
+            self._drop_waiter(execution_id, waiter)
+        return await self.wait(execution_id)
 
     async def wait(self, execution_id: str) -> ExecutionRecord:
         """The record once it is finished, wherever it runs.
@@ -158,28 +173,32 @@ class ExecutionService:
                 record = await self.get(execution_id)
                 if record.status.finished:
                     return record
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(waiter, POLL_SECONDS)
+                finished = await _finished_within(waiter, POLL_SECONDS)
+                if finished is not None:
+                    return finished
             finally:
                 self._drop_waiter(execution_id, waiter)
 
-    def _add_waiter(self, execution_id: str) -> asyncio.Future[None]:
-        waiter = asyncio.get_running_loop().create_future()
+    def _add_waiter(self, execution_id: str) -> asyncio.Future[ExecutionRecord | None]:
+        waiter: asyncio.Future[ExecutionRecord | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(execution_id, set()).add(waiter)
         return waiter
 
-    def _drop_waiter(self, execution_id: str, waiter: asyncio.Future[None]) -> None:
+    def _drop_waiter(
+        self, execution_id: str, waiter: asyncio.Future[ExecutionRecord | None]
+    ) -> None:
         waiters = self._waiters.get(execution_id)
         if waiters is not None:
             waiters.discard(waiter)
             if not waiters:
                 del self._waiters[execution_id]
 
-    def notify_local(self, execution_id: str) -> None:
-        """Wake this node's waiters for ``execution_id`` (also the bus's finish handler)."""
+    def notify_local(self, execution_id: str, finished: ExecutionRecord | None = None) -> None:
+        """Wake this node's waiters for ``execution_id`` (also the bus's finish handler),
+        with the finished record when this node wrote it (else they read the store)."""
         for waiter in self._waiters.pop(execution_id, ()):
             if not waiter.done():
-                waiter.set_result(None)
+                waiter.set_result(finished)
 
     # --- queries ------------------------------------------------------------
     async def get(self, execution_id: str) -> ExecutionRecord:
@@ -201,9 +220,10 @@ class ExecutionService:
         """Stop a pending or running execution; returns the status it ends with."""
         record = await self.get(execution_id)
         if record.status == states.PENDING:
-            if await self._transition(record, states.KILLED, finished_at=utcnow()):
+            killed = await self._transition(record, states.KILLED, finished_at=utcnow())
+            if killed is not None:
                 await self.bus.drop_project(execution_id)
-                await self._announce_finished(execution_id)
+                await self._announce_finished(execution_id, killed)
                 return states.KILLED
             record = await self.get(execution_id)
         if record.status == states.RUNNING:
@@ -224,7 +244,8 @@ class ExecutionService:
         task = self._tasks.get(execution_id)
         if task is None:
             return False
-        if execution_id not in self._killing:  # cancel once: a second one would hit _finish
+        # Cancel once, and not once the run is over: that would hit _finish or the cleanup.
+        if execution_id not in self._killing:
             self._killing.add(execution_id)
             task.cancel()
         return True
@@ -289,42 +310,71 @@ class ExecutionService:
             self._killing.discard(execution_id)
 
     async def _execute(self, execution_id: str) -> None:
-        record = await self.store.get(execution_id)
-        if record is None or record.status != states.PENDING:
+        record, job = self._submitted.pop(execution_id, (None, None))
+        if record is None:  # submitted on another node: the store has it
+            record = await self.store.get(execution_id)
+        # A kill while it waited changed the stored status: the compare-and-set fails then.
+        running = None if record is None else await self._start(record)
+        if running is None:
             await self._abandon(execution_id)
             return
-        running = record.evolve(status=states.RUNNING, started_at=utcnow())
-        if not await self._transition(record, states.RUNNING, started_at=running.started_at):
-            await self._abandon(execution_id)
-            return
+        # The run's workspace goes once the record is finished and its waiter answered.
+        async with contextlib.AsyncExitStack() as cleanup:
+            final = await self._run_to_finish(running, job, cleanup)
+            await asyncio.sleep(0)  # the woken waiter sends its response before the cleanup
+        log.info(
+            "execution finished",
+            execution_id=execution_id,
+            status=final.status.value,
+            exit_code=final.exit_code,
+            duration_ms=final.duration_ms,
+        )
+
+    async def _run_to_finish(
+        self, running: ExecutionRecord, job: Job | None, cleanup: contextlib.AsyncExitStack
+    ) -> ExecutionRecord:
+        execution_id = running.execution_id
         self.metrics.running.inc()
         capture = OutputCapture(self.settings.output_cap_bytes)
         self._live[execution_id] = capture
         publishing = asyncio.create_task(self.bus.publish_output(execution_id, capture))
-        logger = log.bind(execution_id=execution_id)
-        logger.info("execution started")
+        log.debug("execution started", execution_id=execution_id)  # info: only its finish
         try:
-            report = await self._run(execution_id, Job.from_dict(record.request), capture)
+            job = job or Job.from_dict(running.request)
+            report = await self._run(execution_id, job, capture, cleanup)
         except asyncio.CancelledError:
             report = self._cancelled(execution_id)
         except Exception as exc:  # a bug or a broken sandbox: never leave it running
-            logger.exception("execution crashed")
+            log.exception("execution crashed", execution_id=execution_id)
             report = RunReport(states.FAILED, error=f"internal error: {exc}")
         finally:
             self.metrics.running.dec()
             self._live.pop(execution_id, None)
             capture.close()
-            self._discard_staging(execution_id)
+            if job is None or job.project_dir is not None:  # an eval's never had one
+                self._discard_staging(execution_id)
+        self._killing.add(execution_id)  # the run is over: a late kill has nothing to stop
         await _settle(publishing)
-        final = await self._finish(running, report, capture)
-        logger.info("execution finished", status=final.status.value, exit_code=final.exit_code)
+        return await self._finish(running, report, capture)
 
-    async def _run(self, execution_id: str, job: Job, capture: OutputCapture) -> RunReport:
+    async def _start(self, pending: ExecutionRecord) -> ExecutionRecord | None:
+        """The record as running, or None if it is not pending any more (killed, taken)."""
+        if pending.status != states.PENDING:
+            return None
+        return await self._transition(pending, states.RUNNING, started_at=utcnow())
+
+    async def _run(
+        self,
+        execution_id: str,
+        job: Job,
+        capture: OutputCapture,
+        cleanup: contextlib.AsyncExitStack,
+    ) -> RunReport:
         try:
             job = await self.bus.fetch_project(execution_id, job, self.staging_dir(execution_id))
         except ExecutorError as exc:
             return RunReport(states.FAILED, error=exc.message)
-        return await self.runner.run(execution_id, job, capture)
+        return await self.runner.run(execution_id, job, capture, cleanup)
 
     async def _abandon(self, execution_id: str) -> None:
         """Not ours to run (killed while pending, or taken twice): leave no files behind."""
@@ -378,24 +428,31 @@ class ExecutionService:
                 stdout_truncated=capture.truncated("stdout"),
                 stderr_truncated=capture.truncated("stderr"),
             )
+        final = None
         with contextlib.suppress(InvalidTransition):
-            await self._transition(running, report.status, **changes)
+            final = await self._transition(running, report.status, **changes)
         self.metrics.finished.labels(status=report.status.value).inc()
-        await self._announce_finished(running.execution_id)
-        return await self.get(running.execution_id)
+        if final is None:  # someone else finished it first (a kill, a lost node): theirs stands
+            final = await self.get(running.execution_id)
+        await self._announce_finished(running.execution_id, final)
+        return final
 
     async def _transition(
         self, record: ExecutionRecord, target: ExecutionStatus, **changes: object
-    ) -> bool:
+    ) -> ExecutionRecord | None:
+        """The record as stored after the change, None if the stored status did not allow it."""
         sources = states.allowed_from(target)
         if record.status not in sources:
             raise InvalidTransition(f"{record.status.value} → {target.value} is not allowed")
-        return await self.store.transition(
-            record.execution_id, sources, record.evolve(status=target, **changes)
-        )
+        changed = record.evolve(status=target, **changes)
+        if await self.store.transition(record.execution_id, sources, changed):
+            return changed
+        return None
 
-    async def _announce_finished(self, execution_id: str) -> None:
-        self.notify_local(execution_id)
+    async def _announce_finished(
+        self, execution_id: str, finished: ExecutionRecord | None = None
+    ) -> None:
+        self.notify_local(execution_id, finished)
         await self.bus.publish_finished(execution_id)
 
     def _discard_staging(self, execution_id: str | None) -> None:
@@ -414,9 +471,29 @@ class ExecutionService:
                 log.info("retention removed finished executions", count=len(removed))
 
 
+async def _finished_within(
+    waiter: asyncio.Future[ExecutionRecord | None], seconds: float
+) -> ExecutionRecord | None:
+    """What the waiter is woken with, or None after ``seconds``: awaited directly (not
+    through ``wait_for``), so that a finish here wakes it in the very next loop pass."""
+    timer = asyncio.get_running_loop().call_later(seconds, _wake, waiter)
+    try:
+        return await waiter
+    finally:
+        timer.cancel()
+
+
+def _wake(waiter: asyncio.Future[ExecutionRecord | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 async def _settle(publishing: asyncio.Task[None]) -> None:
     """Let the last output reach followers on other nodes (5 s at most); never fail a run for it."""
-    done, _ = await asyncio.wait([publishing], timeout=5)
+    if publishing.done():  # always so on the local bus: no need to yield to the loop
+        done = {publishing}
+    else:
+        done, _ = await asyncio.wait([publishing], timeout=5)
     if not done:
         publishing.cancel()
     elif not publishing.cancelled() and publishing.exception() is not None:

@@ -1,9 +1,13 @@
-"""SQLite state store (the embedded default): one table in WAL mode, one connection.
+"""SQLite state store (the embedded default): one table in WAL mode.
 
-Each statement runs in autocommit mode, so a write is one round trip to the
-connection's thread and is committed when the call returns. With WAL and
-``synchronous=NORMAL`` a commit survives the process dying at any point; only
-an OS crash or power loss can take back the last few commits.
+Statements run on the event loop's thread, in autocommit mode: a write is
+committed when the call returns. Each one on the execution path is a one-row
+write or an indexed lookup that takes tens of microseconds, less than a hop to
+a thread and back (which costs milliseconds whenever another thread holds the
+GIL). What can take long stays off the loop: WAL checkpoints (they fsync) and
+listings run in a thread on a second connection, and retention deletes in
+batches. With WAL and ``synchronous=NORMAL`` a commit survives the process
+dying at any point; only an OS crash or power loss can take back the last few.
 
 Usage::
 
@@ -13,14 +17,17 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import builtins
+import functools
 import sqlite3
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
+import anyio
+import structlog
 from python_executor_client.models import ExecutionStatus
 
 from .base import (
@@ -40,6 +47,9 @@ from .codec import (
     record_to_row,
     to_iso,
 )
+
+log = structlog.get_logger("python_executor.store")
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 
@@ -72,6 +82,10 @@ CREATE INDEX IF NOT EXISTS executions_by_finished
 """
 
 _PRAGMAS = ("journal_mode = WAL", "synchronous = NORMAL", "busy_timeout = 5000")
+# The loop's connection never checkpoints: the side connection does, in a thread, once
+# this many writes went to the WAL since the last time (SQLite's own default: 1000 pages).
+CHECKPOINT_EVERY = 200
+DELETE_BATCH = 500  # rows per retention statement: the loop is never held for long
 
 _COLUMNS = ", ".join(FIELDS)
 _INSERT = f"INSERT INTO executions ({_COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))})"
@@ -80,12 +94,19 @@ _ASSIGN = ", ".join(f"{name} = ?" for name in FIELDS[1:])
 _ORDER = "ORDER BY created_at DESC, execution_id DESC LIMIT ?"
 _FINISHED = tuple(s.value for s in FINISHED)
 _UNFINISHED = tuple(s.value for s in UNFINISHED)
+_DELETE_FINISHED = (
+    "DELETE FROM executions WHERE execution_id IN (SELECT execution_id FROM executions"
+    # "+status": filter on the status, but seek with the finished_at index
+    f" WHERE finished_at < ? AND +status IN ({', '.join('?' * len(_FINISHED))}) LIMIT ?)"
+    " RETURNING execution_id"
+)
 
 
 def _marks(count: int) -> str:
     return ", ".join("?" * count)
 
 
+@functools.cache
 def _transition_sql(count: int) -> str:
     return f"UPDATE executions SET {_ASSIGN} WHERE execution_id = ? AND status IN ({_marks(count)})"
 
@@ -99,33 +120,40 @@ class SqliteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None  # the loop's: every write
+        self._side: sqlite3.Connection | None = None  # a thread's: listings, checkpoints
+        self._side_lock = asyncio.Lock()
+        self._writes = 0  # since the last checkpoint
+        self._checkpoint: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = await aiosqlite.connect(self.path, isolation_level=None)
+            db = sqlite3.connect(self.path, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreUnavailable(f"cannot open the SQLite store at {self.path}: {exc}") from exc
         try:
-            await self._prepare(db)
+            _prepare(db)
+            side = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            side.execute("PRAGMA busy_timeout = 5000")
         except sqlite3.Error as exc:
-            await db.close()
+            db.close()
             raise StoreUnavailable(f"cannot use the SQLite store at {self.path}: {exc}") from exc
-        self._db = db
-
-    async def _prepare(self, db: aiosqlite.Connection) -> None:
-        for pragma in _PRAGMAS:
-            await db.execute(f"PRAGMA {pragma}")
-        await db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        self._db, self._side = db, side
 
     async def close(self) -> None:
+        if self._checkpoint is not None:
+            await asyncio.shield(self._checkpoint)  # it is the side connection's user
         if self._db is not None:
             db, self._db = self._db, None
-            await db.close()
+            db.close()
+        if self._side is not None:
+            side, self._side = self._side, None
+            async with self._side_lock:
+                side.close()  # the last connection to close checkpoints the WAL away
 
     @property
-    def db(self) -> aiosqlite.Connection:
+    def db(self) -> sqlite3.Connection:
         if self._db is None:
             raise RuntimeError("SqliteStore is not open")
         return self._db
@@ -133,12 +161,13 @@ class SqliteStore:
     async def create(self, record: ExecutionRecord) -> None:
         row = record_to_row(record)
         try:
-            await self.db.execute(_INSERT, tuple(row.values()))
+            self.db.execute(_INSERT, tuple(row.values()))
         except sqlite3.IntegrityError:
             raise DuplicateExecution(f"execution {record.execution_id} already exists") from None
+        self._wrote()
 
     async def get(self, execution_id: str) -> ExecutionRecord | None:
-        rows = await self.db.execute_fetchall(f"{_SELECT} WHERE execution_id = ?", (execution_id,))
+        rows = self.db.execute(f"{_SELECT} WHERE execution_id = ?", (execution_id,)).fetchall()
         records = _records(rows)
         return records[0] if records else None
 
@@ -148,8 +177,8 @@ class SqliteStore:
         check_same_id(execution_id, record)
         values = tuple(record_to_row(record).values())[1:]
         wanted = tuple(ExecutionStatus(s).value for s in expected)
-        sql = _transition_sql(len(wanted))
-        cursor = await self.db.execute(sql, (*values, execution_id, *wanted))
+        cursor = self.db.execute(_transition_sql(len(wanted)), (*values, execution_id, *wanted))
+        self._wrote()
         return cursor.rowcount == 1
 
     async def list(
@@ -158,35 +187,74 @@ class SqliteStore:
         if limit < 1:
             raise ValueError(f"limit must be positive, got {limit}")
         where, params = _list_filter(status, cursor)
-        rows = await self.db.execute_fetchall(f"{_SELECT} {where} {_ORDER}", (*params, limit + 1))
-        records = _records(rows)
+        sql, values = f"{_SELECT} {where} {_ORDER}", (*params, limit + 1)
+        # A page may carry megabytes of output: read (and decode) it in a thread.
+        records = await self._on_side(lambda side: _records(side.execute(sql, values)))
         if len(records) <= limit:
             return records, None
         last = records[limit - 1]
         return records[:limit], encode_cursor(last.created_at, last.execution_id)
 
     async def fail_unfinished(self, error: str) -> builtins.list[str]:
-        rows = await self.db.execute_fetchall(
+        rows = self.db.execute(
             "UPDATE executions SET status = ?, error = ?, finished_at = ?"
             f" WHERE status IN ({_marks(len(_UNFINISHED))}) RETURNING execution_id",
             (ExecutionStatus.FAILED.value, error, to_iso(utcnow()), *_UNFINISHED),
-        )
+        ).fetchall()
+        self._wrote()
         return [row[0] for row in rows]
 
     async def delete_finished_before(self, cutoff: datetime) -> builtins.list[str]:
-        rows = await self.db.execute_fetchall(
-            # "+status": filter on the status, but seek with the finished_at index
-            "DELETE FROM executions WHERE finished_at < ?"
-            f" AND +status IN ({_marks(len(_FINISHED))}) RETURNING execution_id",
-            (to_iso(cutoff), *_FINISHED),
-        )
-        return [row[0] for row in rows]
+        removed: builtins.list[str] = []
+        while True:
+            params = (to_iso(cutoff), *_FINISHED, DELETE_BATCH)
+            batch = [row[0] for row in self.db.execute(_DELETE_FINISHED, params).fetchall()]
+            self._wrote()
+            removed += batch
+            if len(batch) < DELETE_BATCH:
+                return removed
+            await asyncio.sleep(0)  # let requests in between batches
 
     async def count(self, status: ExecutionStatus) -> int:
-        rows = await self.db.execute_fetchall(
+        rows = self.db.execute(
             "SELECT count(*) FROM executions WHERE status = ?", (status.value,)
-        )
-        return int(next(iter(rows))[0])
+        ).fetchall()
+        return int(rows[0][0])
+
+    def set_trace_callback(self, callback: Callable[[str], object] | None) -> None:
+        """Hand the SQL of every statement, on either connection, to ``callback``."""
+        for connection in (self.db, self._side):
+            if connection is not None:
+                connection.set_trace_callback(callback)
+
+    # --- the side connection ---------------------------------------------------------
+
+    async def _on_side(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        async with self._side_lock:
+            side = self._side
+            if side is None:
+                raise RuntimeError("SqliteStore is not open")
+            return await anyio.to_thread.run_sync(work, side)
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._writes >= CHECKPOINT_EVERY and self._checkpoint is None:
+            self._writes = 0
+            self._checkpoint = asyncio.create_task(self._run_checkpoint(), name="checkpoint")
+
+    async def _run_checkpoint(self) -> None:
+        try:
+            await self._on_side(lambda side: side.execute("PRAGMA wal_checkpoint(PASSIVE)"))
+        except (sqlite3.Error, RuntimeError) as exc:  # the WAL grows until the next one
+            log.warning("sqlite checkpoint failed", error=str(exc))
+        finally:
+            self._checkpoint = None
+
+
+def _prepare(db: sqlite3.Connection) -> None:
+    for pragma in (*_PRAGMAS, "wal_autocheckpoint = 0"):
+        db.execute(f"PRAGMA {pragma}")
+    db.executescript(f"BEGIN; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
 
 def _list_filter(
