@@ -202,6 +202,9 @@ def test_workspaces_go_after_the_answer_and_before_shutdown_ends(
         assert _workspaces(runs) == []
         running = submit(c, "import time\ntime.sleep(60)")
         wait_status(c, running, {"running"})
+        deadline = time.monotonic() + 10  # "running" comes just before its workspace
+        while _workspaces(runs) != [running] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert _workspaces(runs) == [running]
     server.stop()  # SIGTERM: the run is stopped, and its workspace removed before the exit
     assert _workspaces(runs) == []

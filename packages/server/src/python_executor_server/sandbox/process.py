@@ -81,6 +81,12 @@ class PidHandle:
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
+    async def gone(self, within: float) -> None:
+        """Wait (up to ``within`` s) until it has exited: woken by its pidfd, not polled."""
+        if self._pidfd is not None:
+            with anyio.move_on_after(within):
+                await anyio.wait_readable(self._pidfd)
+
     def close(self) -> None:
         if self._pidfd is not None:
             os.close(self._pidfd)
