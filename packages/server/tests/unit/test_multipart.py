@@ -162,12 +162,17 @@ def real_tar(extra: bytes = b"") -> bytes:
 
 
 def tricky_payload(size: int) -> bytes:
-    """Random bytes sprinkled with near-boundaries, CRLFs and dashes."""
-    near = [f"\r\n--{BOUNDARY}"[:n].encode() for n in range(1, len(BOUNDARY) + 4)]
-    out, rnd = bytearray(), os.urandom(size)
-    for i in range(0, size, 997):
-        out += rnd[i : i + 997] + near[i % len(near)]
-    return bytes(out)
+    """Random bytes sprinkled with near-boundaries, CRLFs and dashes; never the delimiter
+    itself (a client picks a boundary its data does not contain): a near one that the
+    next random byte completes would end the part."""
+    delimiter = f"\r\n--{BOUNDARY}".encode()
+    near = [delimiter[:n] for n in range(1, len(delimiter))]
+    while True:
+        out, rnd = bytearray(), os.urandom(size)
+        for i in range(0, size, 997):
+            out += rnd[i : i + 997] + near[i % len(near)]
+        if delimiter not in out:
+            return bytes(out)
 
 
 def post(

@@ -46,6 +46,8 @@ _SOURCE_SUFFIXES = (".py", ".pyw")
 
 def detect_requirements(sources: Mapping[str, str], *, python_version: str) -> tuple[str, ...]:
     """Normalized PyPI names for the imports of ``sources`` ({relative path: code})."""
+    if not any("import" in code for code in sources.values()):
+        return ()  # (most evals: nothing to parse, nor to look up)
     skip = stdlib_module_names(python_version) | local_module_names(sources)
     found: set[str] = set()
     for path, code in sources.items():

@@ -21,7 +21,7 @@ from .mounts import mountinfo
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 
 
-def write(path: Path, value: str) -> None:
+def write(path: str | Path, value: str) -> None:
     # os-level: a control file is one write, and a text file object costs more than it
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
@@ -30,7 +30,7 @@ def write(path: Path, value: str) -> None:
         os.close(fd)
 
 
-def read(path: Path) -> str:
+def read(path: str | Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
@@ -41,14 +41,14 @@ def read(path: Path) -> str:
     return b"".join(chunks).decode()
 
 
-def read_int(path: Path) -> int | None:
+def read_int(path: str | Path) -> int | None:
     try:
         return int(read(path).split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def keyed(path: Path, key: str) -> int | None:
+def keyed(path: str | Path, key: str) -> int | None:
     """``key value`` files: memory.oom_control, memory.events, cpu.stat."""
     try:
         for line in read(path).splitlines():
@@ -129,13 +129,13 @@ class Written:
     """Control-file values this slot last wrote: unchanged ones are not written again."""
 
     def __init__(self) -> None:
-        self._values: dict[Path, str] = {}
+        self._values: dict[str | Path, str] = {}
 
-    def __call__(self, path: Path, value: str) -> None:
+    def __call__(self, path: str | Path, value: str) -> None:
         if self._values.get(path) != value:
             self._values.pop(path, None)  # unknown if the write fails half-way
             write(path, value)
             self._values[path] = value
 
-    def holds(self, path: Path, value: str) -> bool:
+    def holds(self, path: str | Path, value: str) -> bool:
         return self._values.get(path) == value

@@ -77,6 +77,13 @@ class V1Slot:
         self.dirs = dirs  # controller -> directory (co-mounted controllers share one)
         self._oom_base = 0
         self._set = fs.Written()
+        self._paths: dict[tuple[str, str], str] = {}  # a few control files, each run
+
+    def _file(self, controller: str, name: str) -> str:
+        path = self._paths.get((controller, name))
+        if path is None:
+            path = self._paths[controller, name] = os.path.join(self.dirs[controller], name)
+        return path
 
     def _unique_dirs(self) -> list[Path]:
         return list(dict.fromkeys(self.dirs.values()))
@@ -90,47 +97,44 @@ class V1Slot:
             fs.rmdir(d)
 
     def charged_bytes(self) -> int:
-        return fs.read_int(self.dirs["memory"] / "memory.usage_in_bytes") or 0
+        return fs.read_int(self._file("memory", "memory.usage_in_bytes")) or 0
 
     def empty_charges(self) -> None:
         with contextlib.suppress(OSError):
-            fs.write(self.dirs["memory"] / "memory.force_empty", "0")
+            fs.write(self._file("memory", "memory.force_empty"), "0")
 
     def configure(self, limits: Limits, *, reset: bool = True) -> None:
         self._set_memory(str(limits.memory_mb * MIB))
-        self._set(self.dirs["pids"] / "pids.max", str(limits.pids))
+        self._set(self._file("pids", "pids.max"), str(limits.pids))
         if "cpu" in self.dirs:
             shares = str(min(max(limits.cpu_shares, 2), 262144))
-            self._set(self.dirs["cpu"] / "cpu.shares", shares)
+            self._set(self._file("cpu", "cpu.shares"), shares)
         if reset:
             self._reset_counters()
 
     def _set_memory(self, limit: str) -> None:
-        mem = self.dirs["memory"]
-        memsw = mem / "memory.memsw.limit_in_bytes"
-        if self._set.holds(mem / "memory.limit_in_bytes", limit):
+        memsw = self._file("memory", "memory.memsw.limit_in_bytes")
+        if self._set.holds(self._file("memory", "memory.limit_in_bytes"), limit):
             return
-        has_memsw = memsw.exists()
+        has_memsw = os.path.exists(memsw)
         if has_memsw:  # memsw may never be below the memory limit: lift it first
             self._set(memsw, "-1")
-        self._set(mem / "memory.limit_in_bytes", limit)
+        self._set(self._file("memory", "memory.limit_in_bytes"), limit)
         if has_memsw:
             self._set(memsw, limit)
 
     def _reset_counters(self) -> None:
-        mem = self.dirs["memory"]
         for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.memsw.failcnt"):
             with contextlib.suppress(FileNotFoundError):
-                fs.write(mem / name, "0")
+                fs.write(self._file("memory", name), "0")
         if "cpuacct" in self.dirs:
-            fs.write(self.dirs["cpuacct"] / "cpuacct.usage", "0")
+            fs.write(self._file("cpuacct", "cpuacct.usage"), "0")
         self._oom_base = self._oom_count()
 
     def _oom_count(self) -> int:
-        mem = self.dirs["memory"]
-        count = fs.keyed(mem / "memory.oom_control", "oom_kill")
+        count = fs.keyed(self._file("memory", "memory.oom_control"), "oom_kill")
         if count is None:  # kernels before 4.13: hitting the limit is the best hint
-            count = fs.read_int(mem / "memory.memsw.failcnt") or 0
+            count = fs.read_int(self._file("memory", "memory.memsw.failcnt")) or 0
         return count
 
     def add(self, pid: int) -> None:
@@ -148,9 +152,9 @@ class V1Slot:
 
     def usage(self) -> Usage:
         cpu_ns = (
-            fs.read_int(self.dirs["cpuacct"] / "cpuacct.usage") if "cpuacct" in self.dirs else None
+            fs.read_int(self._file("cpuacct", "cpuacct.usage")) if "cpuacct" in self.dirs else None
         )
-        peak = fs.read_int(self.dirs["memory"] / "memory.max_usage_in_bytes")
+        peak = fs.read_int(self._file("memory", "memory.max_usage_in_bytes"))
         return Usage(
             cpu_ms=None if cpu_ns is None else cpu_ns // 1_000_000,
             peak_memory_mb=None if peak is None else round(peak / MIB, 1),
