@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from python_executor_client.models import EvalRequest
+
 from .execution.environments import EnvironmentCache
 from .execution.interpreters import discover_interpreters
+from .execution.jobs import JobBuilder
 from .execution.metrics import Metrics
 from .execution.runner import Runner
 from .execution.service import ExecutionService
@@ -53,6 +56,8 @@ async def running_node(settings: Settings) -> AsyncIterator[Node]:
         service = ExecutionService(settings, create_store(settings), queue, runner, metrics, bus)
         await service.start()
         try:
+            # The default eval's sandboxes start now, not with the first request.
+            runner.warm(JobBuilder(settings, interpreters).from_eval(EvalRequest(code="pass")))
             yield Node(settings, service, backend, interpreters, metrics)
         finally:
             await service.close()

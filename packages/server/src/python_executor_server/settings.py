@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     )
     store: Literal["sqlite", "memory", "redis", "consul"] = "sqlite"
     cleanup_ttl: int = Field(86400, description="Seconds a finished execution is kept.")
-    keep_workdirs: bool = Field(False, description="Keep work dirs of finished runs (debugging).")
+    keep_workdirs: bool = Field(
+        False,
+        description="Keep work dirs of finished runs, named after them (debugging; every "
+        "run then starts cold, without the pool).",
+    )
 
     # --- queue and workers --------------------------------------------------
     queue: Literal["local", "redis"] = "local"

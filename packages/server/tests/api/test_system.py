@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import time
 
 import httpx2
 import pytest
+from server_process import ServerProcess
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,3 +59,22 @@ def test_unknown_route_is_json(client: httpx2.Client) -> None:
     response = client.get("/nope")
     assert response.status_code == 404
     assert "error" in response.json()
+
+
+def test_the_first_eval_after_start_gets_a_sandbox_started_ahead(
+    make_server: type[ServerProcess],
+) -> None:
+    """The default eval's sandboxes start with the server, not with its first request."""
+    server = make_server().start()
+    with httpx2.Client(base_url=server.url, timeout=60) as c:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            keys = c.get("/health").json()["sandbox"]["pool"].get("keys", [])
+            if keys and keys[0]["ready"] >= 1:
+                break
+            time.sleep(0.05)
+        assert keys and keys[0]["ready"] >= 1, keys  # before any request asked for one
+        body = c.post("/api/v1/eval", json={"code": "print('first')"}).json()
+        assert (body["status"], body["stdout"]) == ("completed", "first\n")
+        pool = c.get("/health").json()["sandbox"]["pool"]
+    assert (pool["hits"], pool["misses"]) == (1, 0)

@@ -24,7 +24,7 @@ from typing import Protocol
 import anyio
 from python_executor_client.models import ExecutionStatus
 
-from ..errors import InstallError
+from ..errors import ExecutorError, InstallError
 from ..sandbox.base import (
     SANDBOX_WORKDIR,
     Interpreter,
@@ -118,6 +118,14 @@ class Runner:
         else:
             with anyio.CancelScope(shield=True):
                 await self.backend.remove_workspace(workspace)
+
+    def warm(self, job: Job) -> None:
+        """Have the backend start sandboxes for runs like ``job`` before the first one."""
+        try:
+            interpreter = self._interpreter(job.python_version)
+        except ExecutorError:
+            return
+        self.backend.warm(self._spec("exe_warm", job, interpreter, ()))
 
     async def discard_workspace(self, execution_id: str) -> None:
         """Remove a workspace kept by ``keep_workdirs`` (called by retention)."""

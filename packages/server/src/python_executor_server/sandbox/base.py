@@ -138,6 +138,10 @@ class SandboxBackend(Protocol):
     async def run(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
         """Run ``spec`` to its end, its timeout, or the caller's cancellation."""
 
+    def warm(self, spec: RunSpec) -> None:
+        """Start sandboxes for runs like ``spec`` ahead of them, in the background, where
+        the backend keeps any (its ``workdir`` is not read). Never waits, never fails."""
+
 
 def encode_job(args: Sequence[str], env: Mapping[str, str]) -> bytes:
     """A pre-started program's job: a decimal length and a newline, then that many bytes

@@ -79,7 +79,9 @@ class BwrapBackend:
             tmpfs=self._root,
             min_inodes=settings.max_archive_entries + 4096,
         )
-        self._pool = SandboxPool(settings, self) if settings.pool_enabled else None
+        # Kept work dirs are named after their runs: a pooled sandbox's is not.
+        pooled = settings.pool_enabled and not settings.keep_workdirs
+        self._pool = SandboxPool(settings, self) if pooled else None
         self._zygotes: Zygotes | None = None
         self._claimed: dict[Path, Entry] = {}  # pooled workspaces handed out, run pending
         self._names = itertools.count(1)
@@ -187,6 +189,11 @@ class BwrapBackend:
             "pool": self._pool.describe() if self._pool is not None else {"enabled": False},
             "zygote": self._zygotes.describe() if self._zygotes is not None else None,
         }
+
+    def warm(self, spec: RunSpec) -> None:
+        key = self._key(spec)
+        if self._pool is not None and key is not None:
+            self._pool.warm(key, spec)
 
     async def wait_warm(self, spec: RunSpec, count: int = 1, within: float = 30) -> bool:
         """Keep ``spec``'s key warm and wait until ``count`` of its sandboxes are ready

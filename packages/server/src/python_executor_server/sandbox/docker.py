@@ -141,6 +141,10 @@ class DockerBackend:
                 self.profile(self._settings.default_image, default_limits(self._settings))
             )
 
+    def warm(self, spec: RunSpec) -> None:
+        """The default image's containers are warmed by ``start``; any other profile from
+        its first run on (``run``)."""
+
     async def close(self) -> None:
         pool, factory = self._pool, self._factory
         self._pool = self._factory = None

@@ -9,7 +9,8 @@ runs once and is destroyed like any other sandbox.
 
 The key is everything fixed when a sandbox starts (``PoolKey``): interpreter,
 launch command and environment, network, disk size, rlimits. Keys are learned from
-the runs asked for (``take``), at most ``pool_max_keys``, least recently used
+the runs asked for (``take``) and from ``warm`` (the node warms a default eval's at
+start), at most ``pool_max_keys``, least recently used
 dropped first; each keeps ``pool_size`` sandboxes (``pool_zygote_size`` where they are
 forks of a zygote: ``zygote.py``). Refills start when a run of
 the key ends (not when it starts, so they do not compete with it), at most
