@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest
-from bwrap_harness import Harness
+from bwrap_harness import Harness, eventually
 from python_executor_server.sandbox.base import CollectedOutput, Interpreter
 from python_executor_server.sandbox.bwrap import BwrapBackend
 from python_executor_server.settings import Settings
@@ -74,7 +74,11 @@ async def test_backend_run_with_network_reaches_an_allowed_host(
     lines = (await _connect(allowing, test_host, network=True, resolv=True)).split("\n")
     assert lines[0] == "echo"
     assert lines[1] == "10.0.2.3"  # the sandbox resolves through slirp's DNS
-    assert set(_slirp_pids()) <= before  # its NAT ended with the run
+    # Its NAT was let go with the run and exits on its own, right after (the answer
+    # does not wait for that); the backend's close waits for any still exiting.
+    nats = allowing.backend._nats
+    assert await eventually(lambda: set(_slirp_pids()) <= before, within=5)
+    await eventually(lambda: not nats, within=5)
 
 
 @pytest.mark.timeout(120)

@@ -24,6 +24,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import os
@@ -86,6 +87,7 @@ class BwrapBackend:
         self._claimed: dict[Path, Entry] = {}  # pooled workspaces handed out, run pending
         self._names = itertools.count(1)
         self._live: set[Box] = set()
+        self._nats: set[asyncio.Task[None]] = set()  # NATs of ended runs, exiting
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -162,6 +164,7 @@ class BwrapBackend:
             for box in list(self._live):
                 box.kill()
                 await box.done.wait()
+        await asyncio.gather(*self._nats, return_exceptions=True)
         if self._cgroups is not None:
             self._cgroups.close()
         await anyio.to_thread.run_sync(self._rootfs.close)
@@ -320,9 +323,19 @@ class BwrapBackend:
         return True
 
     async def _release_box(self, box: Box) -> None:
+        # A run's NAT (network on) takes ~20 ms to exit once let go: waited for in the
+        # background (and by ``close``), so that the run's answer does not wait for it.
+        # Every process of the run is gone by then; its network namespace with them.
+        network, box.network = box.network, None
+        if network is not None:
+            network.release()
         with anyio.CancelScope(shield=True):
             await box.cleanup(self._cgroups)
         self._live.discard(box)
+        if network is not None:
+            task = asyncio.get_running_loop().create_task(network.close())
+            self._nats.add(task)
+            task.add_done_callback(self._nats.discard)
 
     # --- the pool's factory --------------------------------------------------------
 

@@ -85,11 +85,18 @@ class NetworkAttachment:
     def nat_pid(self) -> int:
         return self._nat.pid
 
+    def release(self) -> None:
+        """Let slirp4netns go (``--exit-fd``: it exits when this closes), without waiting
+        for it; ``close`` waits. Idempotent."""
+        if self._exit_fd is not None:
+            os.close(self._exit_fd)
+            self._exit_fd = None
+
     async def close(self) -> None:
-        if self._exit_fd is None:
+        """Release it and wait until it has exited (or kill it). Idempotent."""
+        self.release()
+        if self._log_file.closed:
             return
-        os.close(self._exit_fd)  # slirp4netns --exit-fd: it exits when this closes
-        self._exit_fd = None
         with anyio.CancelScope(shield=True):
             await _stop(self._nat)
         self._log_file.close()
