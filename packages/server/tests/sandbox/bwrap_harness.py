@@ -207,6 +207,17 @@ def driver_spec(
     )
 
 
+async def pooled_workspace(harness: Harness, spec: RunSpec) -> Path:
+    """The workspace of a sandbox of the pool handed out for ``spec`` (waiting until one
+    is ready); removed with the harness."""
+    backend = harness.backend
+    assert await backend.wait_warm(spec), "the pool never got a sandbox ready"
+    work = await backend.create_workspace(spec.execution_id, spec.limits.disk_mb, spec)
+    harness.workspaces.append(work)
+    assert work in backend._claimed, "not handed a pre-started sandbox"
+    return work
+
+
 async def run_driver(
     harness: Harness,
     code: str,
@@ -221,19 +232,17 @@ async def run_driver(
     marker = uuid.uuid4().hex
     spec = driver_spec(harness, marker=marker, **options)
     backend = harness.backend
-    if pooled:
-        assert await backend.wait_warm(spec), "the pool never got a sandbox ready"
-    disk = spec.limits.disk_mb
-    work = await backend.create_workspace(spec.execution_id, disk, spec if pooled else None)
-    harness.workspaces.append(work)
     namespace = None
     if pooled:
-        assert work in backend._claimed, "not handed a pre-started sandbox"
+        work = await pooled_workspace(harness, spec)
         # The namespace the init's children are in: bwrap's init's own, or the one a
         # zygote's fork made for its run (zygote.py).
         init = backend._claimed[work].box.init
         assert init is not None
         namespace = os.stat(f"/proc/{init.pid}/ns/pid_for_children").st_ino
+    else:
+        work = await backend.create_workspace(spec.execution_id, spec.limits.disk_mb)
+        harness.workspaces.append(work)
     for name, text in {"main.py": textwrap.dedent(code), **(files or {})}.items():
         (work / name).parent.mkdir(parents=True, exist_ok=True)
         (work / name).write_text(text)

@@ -23,6 +23,7 @@ from bwrap_harness import (
     driver_spec,
     eventually,
     namespace_pids,
+    pooled_workspace,
     run_driver,
     started_harness,
 )
@@ -161,9 +162,7 @@ async def test_the_timeout_starts_at_hand_off_not_when_the_sandbox_started(
 @pytest.mark.timeout(60)
 async def test_cancelling_a_pooled_run_leaves_nothing(sandbox: Harness) -> None:
     spec = driver_spec(sandbox, marker=os.urandom(6).hex(), timeout_seconds=120)
-    assert await sandbox.backend.wait_warm(spec)
-    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
-    sandbox.workspaces.append(work)
+    work = await pooled_workspace(sandbox, spec)
     init = sandbox.backend._claimed[work].box.init
     assert init is not None
     namespace = os.stat(f"/proc/{init.pid}/ns/pid_for_children").st_ino  # the run's
@@ -204,9 +203,7 @@ async def test_cgroup_limits_are_adjusted_at_hand_off(sandbox: Harness) -> None:
     if memory is None:
         pytest.skip("reads v1 control files")
     spec = driver_spec(sandbox, marker="x", memory_mb=200, pids=42, cpu_shares=512)
-    assert await sandbox.backend.wait_warm(spec)
-    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
-    sandbox.workspaces.append(work)
+    work = await pooled_workspace(sandbox, spec)
     init = sandbox.backend._claimed[work].box.init
     assert init is not None
     (work / "main.py").write_text("import time\nprint('up', flush=True)\ntime.sleep(30)\n")

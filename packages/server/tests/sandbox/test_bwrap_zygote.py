@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import anyio
 import pytest
-from bwrap_harness import Harness, driver_spec, eventually, run_driver
+from bwrap_harness import Harness, driver_spec, eventually, pooled_workspace, run_driver
 from python_executor_server.sandbox.base import CollectedOutput
 from python_executor_server.sandbox.workspace import DETACHED_PREFIX
 from test_seccomp import PROBE_PROGRAM, PROBES
@@ -181,9 +181,7 @@ async def test_a_zygote_that_dies_is_replaced(sandbox: Harness) -> None:
 @pytest.mark.timeout(60)
 async def test_a_forked_runs_workspace_is_its_own_and_capped(sandbox: Harness) -> None:
     spec = driver_spec(sandbox, marker=os.urandom(6).hex(), disk_mb=64)
-    assert await sandbox.backend.wait_warm(spec)
-    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
-    sandbox.workspaces.append(work)
+    work = await pooled_workspace(sandbox, spec)
     assert str(work).startswith(DETACHED_PREFIX)
     (work / "main.py").write_text(
         "import os\n"
@@ -210,9 +208,7 @@ async def test_a_fork_that_dies_before_its_run_runs_cold_with_the_project(
     """Handed out, written to, then killed before its run: the project written to its
     detached workspace runs in a cold sandbox, and nothing of either is left."""
     spec = driver_spec(sandbox, marker=os.urandom(6).hex())
-    assert await sandbox.backend.wait_warm(spec)
-    work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
-    sandbox.workspaces.append(work)
+    work = await pooled_workspace(sandbox, spec)
     assert str(work).startswith(DETACHED_PREFIX)
     (work / "main.py").write_text("import helper\nprint(helper.X)\n")
     (work / "helper.py").write_text("X = 'from the project'\n")

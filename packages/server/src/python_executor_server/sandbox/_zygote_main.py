@@ -112,6 +112,14 @@ def _zygote_fail(message: str) -> None:
     os._exit(126)
 
 
+def _zygote_close(fds: list[int]) -> None:
+    for number in fds:
+        try:  # noqa: SIM105  (contextlib: not loaded in a run)
+            os.close(number)
+        except OSError:
+            pass  # closed already (the workspace's, once attached)
+
+
 def _zygote_check(result: int, what: str) -> None:
     if result != 0:
         _zygote_fail(f"{what}: {os.strerror(ctypes.get_errno())}")
@@ -170,12 +178,7 @@ def _zygote_init(request: dict[str, str], fd: dict[str, int], bpf: bytes) -> lis
     if pid == 0:
         return _zygote_program(request, fd)
     status_fd = fd["status"]
-    for number in fd.values():
-        if number != status_fd:
-            try:  # noqa: SIM105  (contextlib: not loaded in a run)
-                os.close(number)
-            except OSError:
-                pass
+    _zygote_close([n for n in fd.values() if n != status_fd])
     while True:  # the namespace's init: reap everything, end with the program
         try:
             child, status = os.wait()
@@ -240,7 +243,6 @@ def _zygote_drop_privileges(bpf: bytes) -> None:
 
 def _zygote_program(request: dict[str, str], fd: dict[str, int]) -> list[str]:
     """H: the fds and state of a program bwrap would have started; then the driver."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # G is not dumpable (its memory is the zygote's); the program is, as any process is.
     _zygote_check(_libc.prctl(4, 1, 0, 0, 0), "PR_SET_DUMPABLE")
     wanted = {int(k[7:]): fd[name] for k, name in request.items() if k.startswith("target.")}
@@ -248,11 +250,7 @@ def _zygote_program(request: dict[str, str], fd: dict[str, int]) -> list[str]:
     moved = {}
     for target, source in wanted.items():  # above every number first: no clobbering
         moved[target] = os.dup2(source, high + target, inheritable=False)
-    for number in set(fd.values()):
-        try:  # noqa: SIM105  (contextlib: not loaded in a run)
-            os.close(number)
-        except OSError:
-            pass
+    _zygote_close(sorted(set(fd.values())))
     for target, source in moved.items():
         os.dup2(source, target)  # inheritable, as bwrap passes them
         os.close(source)
@@ -264,8 +262,6 @@ def _zygote_program(request: dict[str, str], fd: dict[str, int]) -> list[str]:
         start = number + 1
     os.closerange(start, 1 << 16)
     os.chdir("/work")
-    for name in (
-        set(sys.modules) - _zygote_known
-    ):  # what the zygote imported, as a cold run lacks it
+    for name in set(sys.modules) - _zygote_known:  # the zygote's own: a cold run lacks them
         del sys.modules[name]
     return ["--job-fd", request["job_fd"]]

@@ -32,10 +32,19 @@ import anyio
 from .base import OutputSink, RunOutcome, RunSpec
 from .cgroups import Cgroups, Slot
 from .network import NetworkAttachment
-from .process import CappedBuffer, Child, Fds, PidHandle, StatusChild, feed, pump, schedule
+from .process import (
+    CappedBuffer,
+    Child,
+    Fds,
+    PidHandle,
+    StatusChild,
+    feed,
+    pump,
+    schedule,
+    socket_of,
+)
 
 SIDE_CHANNEL_CAP = 1024 * 1024
-WAKE_DEPTH = 1  # below the init: the waiting program
 KILL_GRACE = 1.0  # after SIGKILL of the init, for bwrap to report and exit
 DRAIN_GRACE = 5.0  # for the pipes to reach EOF once every process is gone
 SWEEP_FIRST_POLL = 0.0002
@@ -83,36 +92,27 @@ class Box:
         return self.child is not None and self.released and not self.child.exited()
 
     def wake(self) -> None:
-        """Normal scheduling for a sandbox started ahead at SCHED_IDLE (bwrap's pool;
-        a zygote's forks never are): bwrap, its init and the waiting program, each the
-        only child of the one before; whatever the run starts inherits it."""
+        """Normal scheduling for a sandbox started ahead at SCHED_IDLE (bwrap's pool; a
+        zygote's forks never are): bwrap, its init and the waiting program; whatever the
+        run starts inherits it."""
         if not self.idle:
             return
         pids = [p.pid for p in (self.child, self.init) if p is not None]
-        parents = pids[-1:]
-        for _ in range(WAKE_DEPTH):
-            children = []
-            for parent in parents:
-                with (
-                    contextlib.suppress(OSError),
-                    open(f"/proc/{parent}/task/{parent}/children") as f,
-                ):
-                    children += [int(pid) for pid in f.read().split()]
-            pids += children
-            parents = children
+        if self.init is not None:  # the waiting program: the init's only child
+            children = f"/proc/{self.init.pid}/task/{self.init.pid}/children"
+            with contextlib.suppress(OSError), open(children) as f:
+                pids += [int(pid) for pid in f.read().split()]
         schedule(pids, idle=False)
 
     def ready(self) -> bool:
         """The pre-started program reported ready on its job socket (without waiting)."""
         if self.pipes is None or self.pipes.job is None or not self.alive():
             return False
-        sock = socket.socket(fileno=self.pipes.job[0])
-        try:  # its byte, left unread (EOF is readable too: a sandbox that died)
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-        except BlockingIOError:
-            return False
-        finally:
-            sock.detach()
+        with socket_of(self.pipes.job[0]) as sock:  # its byte, left unread; EOF: it died
+            try:
+                return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            except BlockingIOError:
+                return False
 
     def stderr_head(self) -> str:
         """What bwrap wrote before failing to start (without waiting)."""

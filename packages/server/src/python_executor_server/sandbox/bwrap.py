@@ -112,7 +112,7 @@ class BwrapBackend:
         # A zygote's runs install the filter themselves, and it is what keeps them from
         # making user namespaces (bwrap's --disable-userns cannot apply to its forks).
         settings = self.settings
-        zygote = settings.pool_zygote and use_seccomp and not settings.keep_workdirs
+        zygote = settings.pool_zygote and use_seccomp and self._pool is not None
         if zygote and self._root and self._cgroups is not None:
             self._zygotes = Zygotes(
                 self._launcher,
@@ -219,13 +219,8 @@ class BwrapBackend:
         key = self._key(spec) if spec is not None and spec.limits.disk_mb == disk_mb else None
         if key is not None and self._pool is not None and spec is not None:
             entry = self._pool.take(key, spec)
-            zygotes = self._zygotes
-            if (
-                entry is None
-                and zygotes is not None
-                and zygotes.serves(key)
-                and zygotes.running(key)
-            ):
+            zygotes = self._forking(key)
+            if entry is None and zygotes is not None and zygotes.running(key):
                 # None ready: a fork now costs less than a cold start, and waits less
                 entry = await self.make(key, spec)
             if entry is not None:
@@ -339,19 +334,24 @@ class BwrapBackend:
 
     # --- the pool's factory --------------------------------------------------------
 
-    def pool_size(self, key: PoolKey) -> int:
+    def _forking(self, key: PoolKey) -> Zygotes | None:
+        """The zygotes, when sandboxes of ``key`` are forks of one (else bwrap starts them)."""
         zygotes = self._zygotes
         if zygotes is not None and zygotes.serves(key) and not zygotes.broken(key):
-            return self.settings.pool_zygote_size
-        return self.settings.pool_size
+            return zygotes
+        return None
+
+    def pool_size(self, key: PoolKey) -> int:
+        forked = self._forking(key) is not None
+        return self.settings.pool_zygote_size if forked else self.settings.pool_size
 
     async def make(self, key: PoolKey, template: RunSpec) -> Entry | None:
         """A sandbox for ``key`` started up to its job, in a workspace of its own: forked
         from the key's zygote where one serves it (``zygote.py``), else by bwrap."""
         assert self._launcher is not None
         name = f"{POOL_PREFIX}{self._instance}-{next(self._names)}"
-        zygotes = self._zygotes
-        if zygotes is not None and zygotes.serves(key) and not zygotes.broken(key):
+        zygotes = self._forking(key)
+        if zygotes is not None:
             spec = self._warming(template, name, Path(SANDBOX_WORKDIR))
             made = await zygotes.sandbox(key, spec)
             if made is not None:

@@ -184,9 +184,10 @@ class Launcher:
         info, block = next(free), next(free)
         mapping[info], mapping[block] = pipes.info[1], pipes.block[0]
         job = None
-        if pipes.job is not None or zygote_control is not None:
+        job_end = pipes.job[1] if pipes.job is not None else zygote_control
+        if job_end is not None:
             job = next(free)
-            mapping[job] = pipes.job[1] if pipes.job is not None else zygote_control  # type: ignore[assignment]
+            mapping[job] = job_end
         seccomp_at = None
         if self.seccomp:
             seccomp_at = next(free)
@@ -206,9 +207,7 @@ class Launcher:
     ) -> list[str]:
         """bwrap's options for one run; for a zygote (``zygote.py``) the same but for
         what each of its runs sets up itself: user namespaces allowed, no seccomp filter
-        (both applied to each run), the host's /proc (a run mounts its own over it: the
-        kernel lets a user namespace mount a proc only where one is fully visible), and
-        empty /work and /tmp."""
+        (both applied to each run), empty /work and /tmp (each run attaches its own)."""
         args = [self.tools.bwrap, "--unshare-user", "--uid", str(SANDBOX_UID)]
         args += ["--gid", str(SANDBOX_GID)]
         if self.tools.disable_userns and not zygote:

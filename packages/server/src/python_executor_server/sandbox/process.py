@@ -20,7 +20,7 @@ import os
 import select
 import signal
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import anyio
 
@@ -95,14 +95,15 @@ class PidHandle:
 
 class StatusChild:
     """A zygote's fork as ``Box`` sees it in place of bwrap (``zygote.py``): its end and
-    exit status come over the status pipe (it is not our child); killed through a pidfd."""
+    exit status come over the status pipe (it is not our child); killed through its
+    init's pidfd (``init``, which the box closes)."""
 
-    def __init__(self, pid: int, status_fd: int) -> None:
-        self.pid = pid
+    def __init__(self, init: PidHandle, status_fd: int) -> None:
+        self.pid = init.pid
         self.returncode: int | None = None
+        self._init = init
         self._fd = status_fd
         self._data = b""
-        self._pid = PidHandle(pid)
 
     async def wait(self) -> int:
         while self.returncode is None:
@@ -128,10 +129,20 @@ class StatusChild:
             self.returncode = int(self._data)
         except ValueError:
             self.returncode = -9  # ended without a word: killed
-        self._pid.close()
 
     def kill(self) -> None:
-        self._pid.kill()
+        self._init.kill()
+
+
+@contextlib.contextmanager
+def socket_of(fd: int) -> Iterator[socket.socket]:
+    """A socket object over ``fd`` for the calls only it has (recvmsg, MSG_PEEK,
+    setsockopt); ``fd`` stays open and ours."""
+    sock = socket.socket(fileno=fd)
+    try:
+        yield sock
+    finally:
+        sock.detach()
 
 
 def fd_actions(fds: Mapping[int, int]) -> list[tuple[int, int, int] | tuple[int, int]]:

@@ -54,7 +54,7 @@ from .box import Box, Pipes
 from .cgroups import Cgroups
 from .launch import SETUP_TIMEOUT, Launcher, job_fd_number
 from .pool import PoolKey
-from .process import PidHandle, StatusChild, pump
+from .process import PidHandle, StatusChild, pump, socket_of
 from .rlimits import rlimits_for
 from .rootfs import HOSTNAME
 from .workspace import Workspaces
@@ -137,17 +137,15 @@ class Zygotes:
             return None
         box = Box()
         fd, workdir = self._workspaces.create_detached(spec.limits.disk_mb)
+        ready = False
         try:
             ready = await self._fork(zygote, spec, box, fd)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await box.cleanup(self._cgroups)
-                self._workspaces.remove(workdir)
-            raise
+        finally:
+            if not ready:  # (failed, or cut short)
+                with anyio.CancelScope(shield=True):
+                    await box.cleanup(self._cgroups)
+                    self._workspaces.remove(workdir)
         if not ready:
-            with anyio.CancelScope(shield=True):
-                await box.cleanup(self._cgroups)
-                self._workspaces.remove(workdir)
             if zygote.forked == 0:  # never worked: a host where this cannot work
                 self._broken.add(zkey)
                 log.warning(
@@ -205,11 +203,8 @@ class Zygotes:
         ``workspace``; True once its program waits for its job."""
         box.pipes = pipes = Pipes.create(box.fds, result=spec.result_fd is not None, job=True)
         assert pipes.job is not None
-        ours = socket.socket(fileno=pipes.job[0])
-        try:
+        with socket_of(pipes.job[0]) as ours:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        finally:
-            ours.detach()
         if self._cgroups is not None:
             box.slot = await self._cgroups.acquire()
             box.slot.configure(spec.limits, reset=False)  # (reset at hand-off)
@@ -243,12 +238,14 @@ class Zygotes:
         pid = await _peer_pid(pipes.job[0])
         if pid is None:
             return False
-        box.child = StatusChild(pid, pipes.info[0])
         box.init = PidHandle(pid)
+        box.child = StatusChild(box.init, pipes.info[0])
         await anyio.to_thread.run_sync(self._launcher.confine, spec, box.slot, pid, False)
         os.write(pipes.job[0], b"p")
         box.released = True
-        return await _ready(pipes.job[0])
+        with anyio.move_on_after(SETUP_TIMEOUT):  # its byte, or the socket's end if it died
+            await anyio.wait_readable(pipes.job[0])
+        return box.ready()
 
     def describe(self) -> dict[str, Any]:
         return {"zygotes": len(self._zygotes), "made": self.made, "broken": len(self._broken)}
@@ -283,22 +280,16 @@ def _keep_tail(buffer: bytearray, data: bytes) -> None:
 async def _peer_pid(fd: int) -> int | None:
     """The pid (in our namespace) of the forked run, from the credentials of its first
     byte on the job socket; None when it ended or did not report in time."""
-    sock = socket.socket(fileno=fd)
-    try:
+    with socket_of(fd) as sock, anyio.move_on_after(SETUP_TIMEOUT):
         sock.setblocking(False)
-        with anyio.move_on_after(SETUP_TIMEOUT):
-            while True:
-                await anyio.wait_readable(fd)
-                try:
-                    data, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(_CREDENTIALS.size))
-                except BlockingIOError:
-                    continue
-                if data != b"c":
-                    return None
-                return _pid_from(ancillary)
-        return None
-    finally:
-        sock.detach()
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                data, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(_CREDENTIALS.size))
+            except BlockingIOError:
+                continue
+            return _pid_from(ancillary) if data == b"c" else None
+    return None
 
 
 def _pid_from(ancillary: Iterable[tuple[int, int, bytes]]) -> int | None:
@@ -307,17 +298,3 @@ def _pid_from(ancillary: Iterable[tuple[int, int, bytes]]) -> int | None:
             pid = _CREDENTIALS.unpack(payload[: _CREDENTIALS.size])[0]
             return pid if pid > 0 else None
     return None
-
-
-async def _ready(fd: int) -> bool:
-    """The program reported ready (its byte stays unread, as ``Box.ready`` expects)."""
-    sock = socket.socket(fileno=fd)
-    try:
-        with anyio.move_on_after(SETUP_TIMEOUT):
-            while True:
-                await anyio.wait_readable(fd)
-                with contextlib.suppress(BlockingIOError):
-                    return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"."
-        return False
-    finally:
-        sock.detach()

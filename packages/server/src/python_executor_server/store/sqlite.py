@@ -87,8 +87,13 @@ _PRAGMAS = ("journal_mode = WAL", "synchronous = NORMAL", "busy_timeout = 5000")
 CHECKPOINT_EVERY = 200
 DELETE_BATCH = 500  # rows per retention statement: the loop is never held for long
 
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
 _COLUMNS = ", ".join(FIELDS)
-_INSERT = f"INSERT INTO executions ({_COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))})"
+_INSERT = f"INSERT INTO executions ({_COLUMNS}) VALUES ({_marks(len(FIELDS))})"
 _SELECT = f"SELECT {_COLUMNS} FROM executions"
 _ASSIGN = ", ".join(f"{name} = ?" for name in FIELDS[1:])
 _ORDER = "ORDER BY created_at DESC, execution_id DESC LIMIT ?"
@@ -97,13 +102,9 @@ _UNFINISHED = tuple(s.value for s in UNFINISHED)
 _DELETE_FINISHED = (
     "DELETE FROM executions WHERE execution_id IN (SELECT execution_id FROM executions"
     # "+status": filter on the status, but seek with the finished_at index
-    f" WHERE finished_at < ? AND +status IN ({', '.join('?' * len(_FINISHED))}) LIMIT ?)"
+    f" WHERE finished_at < ? AND +status IN ({_marks(len(_FINISHED))}) LIMIT ?)"
     " RETURNING execution_id"
 )
-
-
-def _marks(count: int) -> str:
-    return ", ".join("?" * count)
 
 
 @functools.cache
