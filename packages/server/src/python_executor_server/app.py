@@ -22,8 +22,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import executions, system
 from .api.deps import Services
-from .api.limits import BodySizeLimit
-from .errors import ExecutorError, QueueFull
+from .api.errors import error_response
+from .api.eval_route import EvalRoute
+from .errors import ExecutorError
 from .execution.interpreters import default_version
 from .execution.jobs import JobBuilder
 from .logs import get_logger
@@ -54,8 +55,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(executions.router)
     app.include_router(system.router)
     app.mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger-static")
+    # POST /api/v1/eval is served in front of the router (the route stays for errors
+    # and the OpenAPI document), and its body is capped there.
     app.add_middleware(
-        BodySizeLimit, path="/api/v1/eval", max_bytes=8 * settings.max_eval_code_bytes + 65536
+        EvalRoute, path="/api/v1/eval", max_bytes=8 * settings.max_eval_code_bytes + 65536
     )
     _add_error_handlers(app)
     return app
@@ -102,13 +105,7 @@ def _lifespan(settings: Settings):  # type: ignore[no-untyped-def]
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ExecutorError)
     async def executor_error(request: Request, exc: ExecutorError) -> JSONResponse:
-        headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFull) else {}
-        if request.url.path.startswith("/api/v1/exec/"):
-            # The body may still be arriving: close rather than read and discard the rest.
-            headers["Connection"] = "close"
-        if exc.status_code >= 500 and not isinstance(exc, QueueFull):
-            log.error("request failed", path=request.url.path, error=exc.message)
-        return JSONResponse({"error": exc.message}, exc.status_code, headers=headers)
+        return error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -148,3 +148,34 @@ def test_not_json(client: httpx2.Client) -> None:
     )
     assert response.status_code == 400
     assert "error" in response.json()
+
+
+def test_body_over_its_cap_is_refused_unread(client: httpx2.Client) -> None:
+    """The eval body is capped (8x the code limit + 64 KiB) before it is parsed: declared
+    too large, or streamed without a length past the cap."""
+    cap = 8 * 100 * 1024 + 65536
+    body = b'{"code": "' + b"x" * cap + b'"}'
+    declared = client.post(
+        "/api/v1/eval", content=body, headers={"content-type": "application/json"}
+    )
+    assert declared.status_code == 413
+    assert declared.json() == {"error": f"request body is over {cap} bytes"}
+    streamed = client.post(
+        "/api/v1/eval",
+        content=iter([body[i : i + 65536] for i in range(0, len(body), 65536)]),
+        headers={"content-type": "application/json"},
+    )
+    assert streamed.status_code == 413
+
+
+def test_other_content_types_and_methods_answer_as_the_route(client: httpx2.Client) -> None:
+    """Only JSON bodies EvalRequest accepts take the fast way; the rest is FastAPI's."""
+    as_text = client.post(
+        "/api/v1/eval", content=b'{"code": "print(1)"}', headers={"content-type": "text/plain"}
+    )
+    assert as_text.status_code == 400
+    assert as_text.json()["error"].startswith("invalid request")
+    assert client.get("/api/v1/eval").status_code == 405
+    ok = client.post("/api/v1/eval", json={"code": "print(1)"})
+    assert ok.headers["content-type"] == "application/json"
+    assert ok.json()["stdout"] == "1\n"
