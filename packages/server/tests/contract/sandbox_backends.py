@@ -21,6 +21,7 @@ its absence is a failure, not a skip).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -38,6 +39,7 @@ from typing import Any, NoReturn
 
 import anyio
 import pytest
+from proc_scan import dying
 from python_executor_server.execution import driver
 from python_executor_server.execution.interpreters import default_version, discover_interpreters
 from python_executor_server.execution.runner import BASE_ENV
@@ -268,6 +270,11 @@ class Box:
         return run_pids(spec.env[MARKER_VAR], spec.workdir)
 
     async def assert_nothing_left(self, spec: RunSpec) -> None:
+        # A zygote's fork is answered once its processes are killed, before they have all
+        # finished exiting (Box.end_reported): dying at the answer, gone after the cleanup.
+        running = [pid for pid in self.pids(spec) if not dying(pid)]
+        assert running == [], f"processes of {spec.execution_id} ran on after its run"
+        await asyncio.gather(*getattr(self.backend, "_ending", ()))
         assert self.pids(spec) == [], f"a process of {spec.execution_id} outlived its run"
         if self.docker_api is not None:
             left = await anyio.to_thread.run_sync(self.containers_after, spec.execution_id)

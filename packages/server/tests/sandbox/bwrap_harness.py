@@ -16,6 +16,7 @@ The fixtures are in conftest.py; tests import the helpers from here.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import textwrap
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-from proc_scan import pids_with_env
+from proc_scan import dying, pids_with_env
 from python_executor_server.execution import driver
 from python_executor_server.sandbox.base import (
     CollectedOutput,
@@ -250,11 +251,21 @@ async def run_driver(
     started = time.monotonic()
     outcome = await backend.run(replace(spec, workdir=work), sink or output)
     elapsed = time.monotonic() - started
+    # By the answer, each process of the run is gone or killed (a zygote's fork is
+    # answered before its processes have finished exiting: Box.end_reported) ...
+    running = [pid for pid in _run_pids(marker, namespace) if not dying(pid)]
+    assert running == [], f"processes of the run still running after it: {running}"
+    # ... and gone once the backend's cleanup of the run is over.
+    await asyncio.gather(*backend._ending)
     assert marker_pids(marker) == [], "a process of the run survived it"
     if namespace is not None:
         left = {pid: host_status(pid).get("State") for pid in namespace_pids(namespace)}
         assert left == {}, f"processes left in the run's pid namespace: {left}"
     return Ran(outcome, output, work, marker, elapsed)
+
+
+def _run_pids(marker: str, namespace: int | None) -> list[int]:
+    return marker_pids(marker) + (namespace_pids(namespace) if namespace is not None else [])
 
 
 async def eventually(predicate: Callable[[], T], within: float = 20.0) -> T:

@@ -222,3 +222,47 @@ async def test_a_fork_that_dies_before_its_run_runs_cold_with_the_project(
     assert out.text("stdout") == "from the project\n"
     await sandbox.backend.remove_workspace(work)
     assert not list(sandbox.settings.runs_path.glob("exe_*"))  # the cold copy is gone
+
+
+# --- the end of a forked run ------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+async def test_a_forged_end_only_ends_the_run_sooner(sandbox: Harness) -> None:
+    """The program says "exit 0" on the report channel, closes its output and spins:
+    the run ends there, and the spinning program is killed with it (the harness checks
+    every process of the run is dying at the answer and gone after the cleanup)."""
+    code = """
+        import os
+        print('before', flush=True)
+        os.write(3, b'\\nexit 0\\n')
+        for fd in (1, 2, 3):
+            os.close(fd)
+        while True:
+            pass
+    """
+    ran = await run_driver(sandbox, code, pooled=True, timeout_seconds=30)
+    assert ran.outcome.exit_code == 0
+    assert not ran.outcome.timed_out
+    assert ran.stdout == "before\n"
+    assert ran.elapsed < 15  # ended by its word, not by its 30 s timeout
+
+
+@pytest.mark.timeout(60)
+async def test_what_a_run_leaves_running_is_killed_with_it(sandbox: Harness) -> None:
+    """A background process without the run's output (so the run's end is its program's
+    word, not its init's) and one that holds stdout (the init's): both killed with the
+    run, neither's output after the program's end is kept."""
+    code = """
+        import subprocess, sys
+        subprocess.Popen(['sleep', '30'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+        if sys.argv[1:] == ['holding']:
+            subprocess.Popen(['sh', '-c', 'sleep 2; echo late'])
+        print('main done')
+    """
+    for args in ((), ("holding",)):
+        ran = await run_driver(sandbox, code, pooled=True, args=args)
+        assert ran.outcome.exit_code == 0, ran.stderr
+        assert ran.stdout == "main done\n"
+        assert ran.elapsed < 2  # the end did not wait for what the program left behind

@@ -76,9 +76,9 @@ async def test_backend_run_with_network_reaches_an_allowed_host(
     assert lines[1] == "10.0.2.3"  # the sandbox resolves through slirp's DNS
     # Its NAT was let go with the run and exits on its own, right after (the answer
     # does not wait for that); the backend's close waits for any still exiting.
-    nats = allowing.backend._nats
+    ending = allowing.backend._ending
     assert await eventually(lambda: set(_slirp_pids()) <= before, within=5)
-    await eventually(lambda: not nats, within=5)
+    assert await eventually(lambda: not ending, within=5)
 
 
 @pytest.mark.timeout(120)

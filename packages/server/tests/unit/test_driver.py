@@ -19,6 +19,7 @@ from python_executor_server.execution.driver import (
     parse_traceback,
 )
 from python_executor_server.execution.interpreters import discover_interpreters
+from python_executor_server.sandbox.base import end_code
 from python_executor_server.settings import Settings
 
 INTERPRETERS = discover_interpreters(Settings())
@@ -156,7 +157,79 @@ def test_runs_like_the_interpreter(
 ) -> None:
     run = drive(python, tmp_path, source, eval_last_expr=eval_last_expr, args=("a b", "c"))
     assert run.output == reference(python, tmp_path, args=("a b", "c")).output
-    assert run.side_channel.endswith(b"}\n")  # the report is written, even after atexit
+    report = run.side_channel.removesuffix(b"\nexit %d\n" % run.code)
+    assert report.endswith(b"}\n")  # the report is written, even after atexit
+
+
+# --- the end line: the exit code, said before the exit -----------------------------------
+
+SAYS_ITS_END = {
+    "plain": ("print('x')\n", 0),
+    "exit_3": ("import sys\nsys.exit(3)\n", 3),
+    "exit_256": ("import sys\nsys.exit(256)\n", 0),  # as the kernel keeps it: the low byte
+    "exit_negative": ("import sys\nsys.exit(-1)\n", 255),
+    "exception": ("1/0\n", 1),
+    "stdout_closed": ("import sys\nprint('x')\nsys.stdout.close()\n", 0),
+    "threads_joined": ("import threading\nthreading.Thread(target=print).start()\n", 0),
+}
+
+
+@pytest.mark.parametrize("source", SAYS_ITS_END.values(), ids=SAYS_ITS_END.keys())
+def test_the_driver_says_its_exit_code_last(
+    python: str, tmp_path: Path, source: tuple[str, int]
+) -> None:
+    """``exit N`` after the report: the code the process exits with; base.end_code reads it."""
+    code, expected = source
+    run = drive(python, tmp_path, code)
+    assert run.code == expected
+    assert run.side_channel.endswith(b"}\n\nexit %d\n" % expected)
+    assert end_code(run.side_channel) == expected
+    assert run.report == parse_report(run.side_channel.removesuffix(b"\nexit %d\n" % expected))
+
+
+SAYS_NO_END = {
+    # Another thread could still end the process with another code.
+    "daemon_thread": (
+        "import threading, time\n"
+        "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+        "raise SystemExit(4)\n",
+        4,
+    ),
+    "os_exit": ("import os\nprint('x', flush=True)\nos._exit(5)\n", 5),
+    # A finalizer that ends the process while the program's globals are dropped.
+    "exit_in_finalizer": (
+        "import os\nclass A:\n    def __del__(self, end=os._exit):\n        end(7)\na = A()\n",
+        7,
+    ),
+    "killed": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -9),
+    "channel_closed": ("import os\nos.close(RESULT_FD)\n", 0),
+}
+
+
+@pytest.mark.parametrize("source", SAYS_NO_END.values(), ids=SAYS_NO_END.keys())
+def test_no_end_line_when_the_code_could_still_change(
+    python: str, tmp_path: Path, source: tuple[str, int]
+) -> None:
+    code, expected = source
+    run = drive(python, tmp_path, code)
+    assert run.code == expected
+    assert end_code(run.side_channel) is None
+
+
+def test_a_forked_child_of_the_program_says_no_end(python: str, tmp_path: Path) -> None:
+    """Only the driver's own process says the end: a child the program forked that runs
+    on to the driver's exit does not (its parent is not done)."""
+    code = (
+        "import os, sys\n"
+        "if os.fork() == 0:\n"
+        "    sys.exit(6)\n"  # the child leaves through the driver's exit
+        "os.wait()\n"
+        "sys.exit(2)\n"
+    )
+    run = drive(python, tmp_path, code)
+    assert run.code == 2
+    assert run.side_channel.count(b"exit ") == 1
+    assert end_code(run.side_channel) == 2
 
 
 @pytest.mark.parametrize("env", [ENV, UNBUFFERED], ids=["buffered", "unbuffered"])

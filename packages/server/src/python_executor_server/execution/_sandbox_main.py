@@ -19,7 +19,9 @@ atexit), and at exit writes one JSON line to ``--result-fd`` — never to stdout
 
     {"result": "2", "error_type": null, "error_line": null, "pre_command_failed": null}
 
-(plus ``"exit_code"`` when a pre-command failed and the run ended with its status).
+(plus ``"exit_code"`` when a pre-command failed and the run ended with its status),
+and last, when nothing of the process can run Python code any more, ``exit N``: the
+code it exits with (``_end``; the host may take it as the run's end, ``base.end_code``).
 ``result`` is ``repr()`` of a trailing expression (``eval_last_expr``): null when the
 last statement is not an expression or its value is None, ``"<repr failed: T: msg>"``
 when ``repr()`` raised, cut at ``_RESULT_MAX_CHARS``. The line is written by the first
@@ -39,6 +41,8 @@ more, as long as the interpreter's own start-up, so neither is imported here.
 from __future__ import annotations  # annotations stay text: older images' Pythons run this too
 
 # Everything is imported before the program's directories join sys.path.
+import _signal  # type: ignore[import-not-found]  # (signal.py: the same, plus enum)
+import _thread
 import atexit
 import builtins
 import io
@@ -136,7 +140,32 @@ def _exit(status: int, loaded: set[str], project: str) -> None:
                 stream.flush()
         except Exception:
             status = 120
+    _end(status & 0xFF)
     os._exit(status)
+
+
+def _end(code: int) -> None:
+    """Tell the host the run's exit code on the report channel (``exit N``, after the
+    report line) and close the output, when nothing of this process can run Python code
+    any more (no other thread, every signal blocked): the code is then the one the
+    process exits with. Once every copy of stdout, stderr and the channel is closed,
+    the host knows the run's output is complete and ends the run (it kills whatever the
+    program left running) without waiting for this process's exit."""
+    if _channel is None or _channel[0] != os.getpid() or _thread._count():
+        return  # no channel, a forked child of the program, or threads still running
+    _pid, fd, identity = _channel
+    _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
+    if _identity(fd) != identity:
+        return  # the program closed the channel and reused its number
+    try:
+        os.write(fd, b"\nexit %d\n" % code)
+    except OSError:
+        return
+    for number in (1, 2, fd):
+        try:  # noqa: SIM105  (contextlib is not loaded: keep the end lean)
+            os.close(number)
+        except OSError:
+            pass
 
 
 def _options(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
@@ -202,6 +231,9 @@ def _read_some(fd: int, count: int) -> bytes:
 # --- the report channel ---------------------------------------------------------------
 
 
+_channel: tuple[int, int, tuple[int, int] | None] | None = None  # (pid, fd, identity)
+
+
 def _open_channel(fd: int) -> None:
     """Write ``_report`` to ``fd`` at exit, from this process only, if ``fd`` is still ours."""
     try:
@@ -210,6 +242,8 @@ def _open_channel(fd: int) -> None:
     except OSError:
         return
     pid = os.getpid()
+    global _channel
+    _channel = (pid, fd, identity)
 
     def write() -> None:
         if os.getpid() != pid or _identity(fd) != identity:

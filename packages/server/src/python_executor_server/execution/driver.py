@@ -14,7 +14,8 @@ pre-commands and then the entrypoint as ``__main__``, and at exit writes one JSO
 pipe the backend passes in — never to stdout, so nothing the program prints can forge it.
 
 The backend should keep the *last* ``REPORT_MAX_BYTES`` of that pipe: the program can
-write to it too, and the driver's line is the last one. When there is no report (the
+write to it too, and the driver's line is the last JSON one (an ``exit N`` line may
+follow it: ``sandbox.base.end_code``). When there is no report (the
 process was killed or called ``os._exit``), ``parse_traceback`` recovers the error from
 stderr.
 

@@ -13,8 +13,9 @@
 #      until the host has moved it into the run's cgroup; mount the workspace (a tmpfs
 #      the host made and passed as a mount fd) at /work and /tmp, a fresh /proc; hostname,
 #      loopback; a cgroup namespace; drop every capability, no_new_privs, the seccomp
-#      filter; fork H and reap until H ends, then write its status (128+N after signal
-#      N) to the status fd and exit with it. The host sees the fd's end if G dies.
+#      filter; fork H and reap until H ends, kill and reap every other process left,
+#      then write H's status (128+N after signal N) to the status fd and exit with it.
+#      The host sees the fd's end if G dies.
 #   H  (pid 2)  the run's fds at their numbers and nothing else, /work as cwd, the
 #      zygote's own modules out of sys.modules; back to ``main()`` with the job fd.
 #
@@ -189,8 +190,27 @@ def _zygote_init(request: dict[str, str], fd: dict[str, int], bpf: bytes) -> lis
         if child == pid:  # its status (128+N after signal N) is the run's, as bwrap's is
             code = os.waitstatus_to_exitcode(status)
             code = 128 - code if code < 0 else code
-            os.write(status_fd, b"%d\n" % code)
+            _zygote_end()
+            os.write(status_fd, b"%d\n" % code)  # the host answers on this
             os._exit(code)
+
+
+def _zygote_end() -> None:
+    """G, once the program ended: kill and reap every other process of the namespace
+    (all of the run's: those its processes left behind are G's children by now, or
+    will be once their parents are reaped), so that when G reports, G is all that is
+    left of the run: the host answers without waiting for G's own exit."""
+    while True:
+        try:  # noqa: SIM105  (kill(-1) from an init: every other process of its namespace)
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # none left but G (and zombies, reaped below)
+        try:
+            os.wait()
+        except ChildProcessError:
+            return  # none left at all: nothing has a parent that could still fork
+        except InterruptedError:
+            pass
 
 
 def _zygote_workspace(workspace: int) -> None:

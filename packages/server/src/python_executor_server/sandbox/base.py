@@ -28,6 +28,7 @@ Usage::
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,22 @@ class RunOutcome:
     cpu_ms: int | None = None
     peak_memory_mb: float | None = None
     error: str | None = None  # the backend could not run it at all (setup failure)
+
+
+_END_LINE = re.compile(rb"\nexit (\d{1,3})\n\Z")
+
+
+def end_code(side_channel: bytes) -> int | None:
+    """The exit code a program said it ends with, as the last line of its side channel
+    (``exit N``, N in 0-255), once it closed every copy of its stdout, stderr and side
+    channel (the caller checks that: each reached EOF). A backend may then end the run
+    without waiting for the program's exit (the eval driver says it, ``_sandbox_main``).
+    A program can say a false code or say it early: it only ends its own run sooner."""
+    found = _END_LINE.search(side_channel[-16:])
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return code if code < 256 else None
 
 
 class OutputSink(Protocol):

@@ -25,11 +25,12 @@ import contextlib
 import os
 import signal
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
 
-from .base import OutputSink, RunOutcome, RunSpec
+from .base import OutputSink, RunOutcome, RunSpec, end_code
 from .cgroups import Cgroups, Slot
 from .network import NetworkAttachment
 from .process import (
@@ -137,12 +138,27 @@ class Box:
             head(data)
             sink.write("stderr", data)
 
+        # A zygote's fork can end before its init reports: once the program said its exit
+        # code on the side channel and every copy of the output is closed (``end_code``).
+        said_end = anyio.CancelScope()
+        streams = 2 if pipes.result is None else 3
+
+        async def drain(fd: int, deliver: Callable[[bytes], None]) -> None:
+            nonlocal streams
+            await pump(fd, deliver)
+            streams -= 1
+            if streams == 0 and isinstance(self.child, StatusChild):
+                code = end_code(bytes(side.data))
+                if code is not None:
+                    self.child.end(code)
+                    said_end.cancel()
+
         timed_out = False
         async with anyio.create_task_group() as tg:
-            tg.start_soon(pump, pipes.out[0], lambda data: sink.write("stdout", data))
-            tg.start_soon(pump, pipes.err[0], on_stderr)
+            tg.start_soon(drain, pipes.out[0], lambda data: sink.write("stdout", data))
+            tg.start_soon(drain, pipes.err[0], on_stderr)
             if pipes.result is not None:
-                tg.start_soon(pump, pipes.result[0], side)
+                tg.start_soon(drain, pipes.result[0], side)
             if self.released:
                 rest = _send_now(pipes.job[0], job) if job is not None and pipes.job else b""
                 if rest and pipes.job is not None:
@@ -151,7 +167,7 @@ class Box:
                     tg.start_soon(self._feed_stdin, spec.stdin)
                 else:
                     self.fds.close(pipes.stdin[1])  # EOF for the program at once
-                with anyio.move_on_after(spec.limits.timeout_seconds) as scope:
+                with anyio.move_on_after(spec.limits.timeout_seconds) as scope, said_end:
                     await self.child.wait()
                 timed_out = scope.cancelled_caught
             await self.terminate()
@@ -196,10 +212,25 @@ class Box:
             error=error,
         )
 
+    def end_reported(self) -> bool:
+        """A zygote's fork whose end was reported: by its init, which killed and reaped
+        every other process of the run first, or by its program on its way out (the
+        output complete). Killing the init (``terminate``) ends what is left; waiting for
+        that is ``cleanup``'s, which the answer need not wait for."""
+        return isinstance(self.child, StatusChild) and self.child.reported
+
     async def terminate(self) -> None:
-        """Kill every process of the sandbox and reap bwrap. Idempotent, quick."""
+        """Kill every process of the sandbox and reap bwrap (a fork whose end was
+        reported: killed, the wait left to ``cleanup``). Idempotent, quick."""
         if self.init is not None:
             self.init.kill()  # the pid namespace goes down with its init
+        if not self.end_reported():
+            await self._reap()
+        elif self.slot is not None:  # none of the run's code runs after its answer
+            self.slot.signal_all(signal.SIGKILL)
+
+    async def _reap(self) -> None:
+        """Wait until every process of the sandbox is gone (after ``terminate``'s kill)."""
         if self.child is not None and self.child.returncode is None:
             with anyio.move_on_after(KILL_GRACE if self.init is not None else 0):
                 await self.child.wait()
@@ -214,6 +245,8 @@ class Box:
         """Terminate, then release everything. Shielded by the caller."""
         try:
             await self.terminate()
+            if self.end_reported():  # not waited for by terminate
+                await self._reap()
             if self.network is not None:
                 await self.network.close()
         finally:

@@ -30,7 +30,7 @@ import itertools
 import os
 import re
 import shutil
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +85,10 @@ class BwrapBackend:
         self._pool = SandboxPool(settings, self) if pooled else None
         self._zygotes: Zygotes | None = None
         self._claimed: dict[Path, Entry] = {}  # pooled workspaces handed out, run pending
+        self._refills: dict[Path, PoolKey] = {}  # run ended, workspace not yet removed
         self._names = itertools.count(1)
         self._live: set[Box] = set()
-        self._nats: set[asyncio.Task[None]] = set()  # NATs of ended runs, exiting
+        self._ending: set[asyncio.Task[None]] = set()  # of ended runs: NATs, forks' inits
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -164,7 +165,7 @@ class BwrapBackend:
             for box in list(self._live):
                 box.kill()
                 await box.done.wait()
-        await asyncio.gather(*self._nats, return_exceptions=True)
+        await asyncio.gather(*self._ending, return_exceptions=True)
         if self._cgroups is not None:
             self._cgroups.close()
         await anyio.to_thread.run_sync(self._rootfs.close)
@@ -229,6 +230,9 @@ class BwrapBackend:
         return await anyio.to_thread.run_sync(self._workspaces.create, execution_id, disk_mb)
 
     async def remove_workspace(self, path: Path) -> None:
+        key = self._refills.pop(path, None)
+        if key is not None and self._pool is not None:
+            self._pool.refill(key)
         entry = self._claimed.pop(path, None)
         if entry is not None:  # handed out, never run
             await self.destroy(entry)
@@ -259,7 +263,9 @@ class BwrapBackend:
             return await self._supervised(Box(), spec, sink, self._launch)
         finally:
             if key is not None and self._pool is not None:
-                self._pool.refill(key)  # after the run: refills do not compete with it
+                # Once the run's answer is out (the runner removes the workspace then):
+                # a refill competes neither with the run nor with its answer.
+                self._refills[spec.workdir] = key
 
     async def _cold_copy(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
         """Run cold what was written to the detached workspace of a forked sandbox that
@@ -289,6 +295,7 @@ class BwrapBackend:
             if launch is not None:
                 await launch(box, spec)
             job = encode_job(spec.argv[spec.prestart :], _job_env(spec)) if spec.prestart else None
+
             return await box.run(spec, sink, job)
         except (SandboxError, OSError, ValueError) as exc:
             return RunOutcome(exit_code=None, error=f"sandbox setup failed: {exc}")
@@ -318,19 +325,30 @@ class BwrapBackend:
         return True
 
     async def _release_box(self, box: Box) -> None:
-        # A run's NAT (network on) takes ~20 ms to exit once let go: waited for in the
-        # background (and by ``close``), so that the run's answer does not wait for it.
-        # Every process of the run is gone by then; its network namespace with them.
+        # What is left once every process of the run is gone is waited for in the
+        # background (and by ``close``), so that the run's answer does not wait for it:
+        # a run's NAT (network on) takes ~20 ms to exit once let go (its network
+        # namespace went with the run's processes), and a zygote's fork reports its end
+        # before its processes have exited (``Box.end_reported``).
         network, box.network = box.network, None
         if network is not None:
             network.release()
+        if box.end_reported():
+            self._background(self._cleanup(box))
+        else:
+            await self._cleanup(box)
+        if network is not None:
+            self._background(network.close())
+
+    async def _cleanup(self, box: Box) -> None:
         with anyio.CancelScope(shield=True):
             await box.cleanup(self._cgroups)
         self._live.discard(box)
-        if network is not None:
-            task = asyncio.get_running_loop().create_task(network.close())
-            self._nats.add(task)
-            task.add_done_callback(self._nats.discard)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     # --- the pool's factory --------------------------------------------------------
 

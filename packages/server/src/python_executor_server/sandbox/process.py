@@ -96,11 +96,14 @@ class PidHandle:
 class StatusChild:
     """A zygote's fork as ``Box`` sees it in place of bwrap (``zygote.py``): its end and
     exit status come over the status pipe (it is not our child); killed through its
-    init's pidfd (``init``, which the box closes)."""
+    init's pidfd (``init``, which the box closes). ``reported``: the init wrote the
+    status (once every other process of the run is gone), or the box learnt the exit
+    code from the program itself (``end``)."""
 
     def __init__(self, init: PidHandle, status_fd: int) -> None:
         self.pid = init.pid
         self.returncode: int | None = None
+        self.reported = False
         self._init = init
         self._fd = status_fd
         self._data = b""
@@ -127,8 +130,15 @@ class StatusChild:
             return
         try:
             self.returncode = int(self._data)
+            self.reported = True
         except ValueError:
             self.returncode = -9  # ended without a word: killed
+
+    def end(self, code: int) -> None:
+        """The program's own word on its exit code (``base.end_code``): the run is over."""
+        if self.returncode is None:
+            self.returncode = code
+            self.reported = True
 
     def kill(self) -> None:
         self._init.kill()
