@@ -22,7 +22,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-from pyexec_bench.calls import Context, new_client
+from pyexec_bench.calls import Context, JsonClient, new_client
 from pyexec_bench.machine import machine_info
 from pyexec_bench.output import Report, print_report, write_results
 from pyexec_bench.plan import FULL, QUICK, Plan
@@ -152,9 +152,9 @@ def measure(args: argparse.Namespace, plan: Plan, console: Console) -> Report:
             wait_idle(server.pid, plan.idle_wait_seconds)
         default = server.default_python or f"{sys.version_info[0]}.{sys.version_info[1]}"
         scratch = server.data_dir or Path(tempfile.gettempdir())
-        with new_client(server.url) as client:
+        with new_client(server.url) as client, JsonClient(server.url) as calls:
             other = _other_python(server, default)
-            ctx = Context(server, plan, client, default, other, scratch, args.docker_image)
+            ctx = Context(server, plan, client, calls, default, other, scratch, args.docker_image)
             rows = run_suite(ctx, only, lambda text: console.print(f"[dim]{text}[/dim]"))
     machine["load_after"] = [round(x, 2) for x in os.getloadavg()]
     return Report(

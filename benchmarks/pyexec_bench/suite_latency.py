@@ -47,19 +47,19 @@ def _require(samples: list[float], failures: Failures) -> None:
 
 def health_rows(ctx: Context) -> list[Row]:
     for _ in range(WARMUP):
-        ctx.client.get("/health")
+        ctx.calls.get("/health")
     samples = []
     for _ in bounded(ctx.plan.health_requests, ctx.plan.loop_seconds):
-        samples.append(timed(lambda: ctx.client.get("/health")).ms)
+        samples.append(ctx.calls.get("/health").ms)
     return [Row("health", "GET /health", latency=summarize(samples))]
 
 
 def _eval_calls(ctx: Context, body: dict[str, Any], count: int) -> tuple[list[Call], Failures]:
     calls, failures = [], Failures()
     for _ in range(WARMUP):
-        timed(lambda: ctx.client.post("/api/v1/eval", json=body))
+        ctx.calls.post("/api/v1/eval", body)
     for _ in bounded(count, ctx.plan.loop_seconds):
-        call = timed(lambda: ctx.client.post("/api/v1/eval", json=body))
+        call = ctx.calls.post("/api/v1/eval", body)
         if call.ok_run("hello\n"):
             calls.append(call)
         else:

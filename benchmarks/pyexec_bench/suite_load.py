@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx2
 
-from .calls import HELLO, Context, describe_failure, joined, pool_watch, timed, wait_finished
+from .calls import (
+    HELLO,
+    Context,
+    JsonClient,
+    describe_failure,
+    joined,
+    pool_watch,
+    timed,
+    wait_finished,
+)
 from .payloads import MB, StreamedUpload
 from .plan import GiB
 from .procmem import RssWatch, rss_mib, tree_rss_mib
@@ -30,43 +39,50 @@ REQUIREMENT_CODE = "import six\nprint(six.__name__)"
 
 @dataclass
 class _Load:
-    latencies: list[float]
+    latencies: list[float]  # list.append: safe across threads
     failures: list[str]
     start: float = 0.0
     end: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-async def _worker(url: str, load: _Load, go: asyncio.Event, seconds: float) -> None:
-    async with httpx2.AsyncClient(base_url=url, timeout=120, trust_env=False) as client:
-        await client.post("/api/v1/eval", json=HELLO)  # connect and warm up
-        await go.wait()
+def _worker(url: str, load: _Load, go: threading.Event, seconds: float) -> None:
+    with JsonClient(url) as client:
+        client.post("/api/v1/eval", HELLO)  # connect and warm up
+        go.wait()
         for _ in range(MAX_RUNS_PER_CLIENT):
             if time.perf_counter() >= load.start + seconds:
                 break
-            sent = time.perf_counter()
-            response = await client.post("/api/v1/eval", json=HELLO)
-            body = response.json() if response.status_code == 200 else {}
-            if body.get("stdout") == "hello\n":
-                load.latencies.append((time.perf_counter() - sent) * 1000)
+            call = client.post("/api/v1/eval", HELLO)
+            if call.ok_run("hello\n"):
+                load.latencies.append(call.ms)
             else:
-                load.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
-    load.end = max(load.end, time.perf_counter())
+                load.failures.append(describe_failure(call))
+    with load.lock:
+        load.end = max(load.end, time.perf_counter())
 
 
-async def _run_load(url: str, clients: int, seconds: float) -> _Load:
-    load, go = _Load([], []), asyncio.Event()
-    tasks = [asyncio.create_task(_worker(url, load, go, seconds)) for _ in range(clients)]
-    await asyncio.sleep(0.5)  # every client connected and warmed up
+def _run_load(url: str, clients: int, seconds: float) -> _Load:
+    """``clients`` threads, each a keep-alive connection sending one eval after another
+    (http.client: waiting on the socket, a thread lets the others run)."""
+    load, go = _Load([], []), threading.Event()
+    threads = [
+        threading.Thread(target=_worker, args=(url, load, go, seconds)) for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)  # every client connected and warmed up
     load.start = time.perf_counter()
     go.set()
-    await asyncio.gather(*tasks)
+    for thread in threads:
+        thread.join()
     return load
 
 
 def throughput_rows(ctx: Context) -> list[Row]:
     plan = ctx.plan
     with pool_watch(ctx.client) as pool:
-        load = asyncio.run(_run_load(ctx.server.url, plan.clients, plan.throughput_seconds))
+        load = _run_load(ctx.server.url, plan.clients, plan.throughput_seconds)
     if not load.latencies:
         raise RuntimeError(f"no run succeeded: {load.failures[:1]}")
     elapsed = load.end - load.start
@@ -126,8 +142,8 @@ def _requirement_pair(
     ctx: Context, body: dict[str, str], cached: list[float], plain: list[float], failures: Failures
 ) -> None:
     """One cached-requirements run, then one plain run: both see the same conditions."""
-    again = timed(lambda: ctx.client.post("/api/v1/eval", json=body))
-    bare = timed(lambda: ctx.client.post("/api/v1/eval", json=HELLO))
+    again = ctx.calls.post("/api/v1/eval", body)
+    bare = ctx.calls.post("/api/v1/eval", HELLO)
     for call, out, samples in ((again, "six\n", cached), (bare, "hello\n", plain)):
         if call.ok_run(out):
             samples.append(call.ms)

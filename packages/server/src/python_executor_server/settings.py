@@ -99,7 +99,10 @@ class Settings(BaseSettings):
         "starting each with bwrap; needs root, cgroups and seccomp.",
     )
     pool_zygote_size: int = Field(
-        4, ge=0, description="bwrap: forked sandboxes kept per key (pool_size otherwise)."
+        8,
+        ge=0,
+        description="bwrap: forked sandboxes kept per key (pool_size otherwise): enough "
+        "that sequential calls, whose forks are made after each answer, never wait for one.",
     )
 
     # --- limits: defaults and maxima -----------------------------------------
