@@ -47,6 +47,10 @@ _CLONE = {"x86_64": 56, "aarch64": 220}.get(os.uname().machine)  # the clone(2) 
 _NAMESPACES = 0x10000000 | 0x00020000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000
 
 
+class _ZygoteProg(ctypes.Structure):  # struct sock_fprog (made once: not per run)
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
 def _zygote_serve(control: int) -> list[str]:
     """Serve fork requests until the host closes ``control``; returns only in a run (H)."""
     import gc
@@ -252,12 +256,8 @@ def _zygote_drop_privileges(bpf: bytes) -> None:
     _zygote_check(_libc.capset(header, data), "capset")
     _zygote_check(prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     if bpf:
-
-        class _Prog(ctypes.Structure):
-            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
         program = ctypes.create_string_buffer(bpf, len(bpf))
-        prog = _Prog(len(bpf) // 8, ctypes.addressof(program))
+        prog = _ZygoteProg(len(bpf) // 8, ctypes.addressof(program))
         _zygote_check(prctl(22, 2, ctypes.addressof(prog), 0, 0), "seccomp filter")
 
 

@@ -14,6 +14,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -241,17 +242,35 @@ class Fds:
 
 
 async def pump(fd: int, deliver: Callable[[bytes], None]) -> None:
-    """Read ``fd`` to EOF, handing each chunk to ``deliver`` as it arrives."""
+    """Read ``fd`` to EOF, handing each chunk to ``deliver`` as it arrives (from the
+    event loop's reader callback: one registration for the whole stream, not one per
+    chunk, and no task wake-up per chunk)."""
     os.set_blocking(fd, False)
-    while True:
-        await anyio.wait_readable(fd)
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
         try:
             data = os.read(fd, READ_CHUNK)
+            if data:
+                deliver(data)
+                return
         except BlockingIOError:
-            continue
-        if not data:
             return
-        deliver(data)
+        except Exception as exc:  # the pump's own failure, as an awaited read's would be
+            loop.remove_reader(fd)
+            if not ended.done():
+                ended.set_exception(exc)
+            return
+        loop.remove_reader(fd)
+        if not ended.done():
+            ended.set_result(None)
+
+    loop.add_reader(fd, readable)
+    try:
+        await ended
+    finally:
+        loop.remove_reader(fd)
 
 
 async def feed(fd: int, data: bytes) -> None:
