@@ -86,6 +86,17 @@ class JsonClient:
         return self._request("GET", path, None)
 
     def _request(self, method: str, path: str, payload: bytes | None) -> Call:
+        reused = self._connection is not None
+        try:
+            return self._send(method, path, payload)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused:
+                raise
+        # The server closed the kept-alive connection while it was idle (uvicorn does
+        # after 5 s): the request never reached it. Once more, on a new connection.
+        return self._send(method, path, payload)
+
+    def _send(self, method: str, path: str, payload: bytes | None) -> Call:
         if self._connection is None:
             self._connection = http.client.HTTPConnection(
                 self._host, self._port, timeout=self._timeout
