@@ -163,57 +163,50 @@ def test_runs_like_the_interpreter(
 
 # --- the end line: the exit code, said before the exit -----------------------------------
 
-SAYS_ITS_END = {
-    "plain": ("print('x')\n", 0),
-    "exit_3": ("import sys\nsys.exit(3)\n", 3),
-    "exit_256": ("import sys\nsys.exit(256)\n", 0),  # as the kernel keeps it: the low byte
-    "exit_negative": ("import sys\nsys.exit(-1)\n", 255),
-    "exception": ("1/0\n", 1),
-    "stdout_closed": ("import sys\nprint('x')\nsys.stdout.close()\n", 0),
-    "threads_joined": ("import threading\nthreading.Thread(target=print).start()\n", 0),
-}
-
-
-@pytest.mark.parametrize("source", SAYS_ITS_END.values(), ids=SAYS_ITS_END.keys())
-def test_the_driver_says_its_exit_code_last(
-    python: str, tmp_path: Path, source: tuple[str, int]
-) -> None:
-    """``exit N`` after the report: the code the process exits with; base.end_code reads it."""
-    code, expected = source
-    run = drive(python, tmp_path, code)
-    assert run.code == expected
-    assert run.side_channel.endswith(b"}\n\nexit %d\n" % expected)
-    assert end_code(run.side_channel) == expected
-    assert run.report == parse_report(run.side_channel.removesuffix(b"\nexit %d\n" % expected))
-
-
-SAYS_NO_END = {
+# (source, exit code, whether the driver says it): no end line where the code could
+# still change after the driver's last word.
+END_LINE = {
+    "plain": ("print('x')\n", 0, True),
+    "exit_3": ("import sys\nsys.exit(3)\n", 3, True),
+    "exit_256": ("import sys\nsys.exit(256)\n", 0, True),  # as the kernel keeps it: the low byte
+    "exit_negative": ("import sys\nsys.exit(-1)\n", 255, True),
+    "exception": ("1/0\n", 1, True),
+    "stdout_closed": ("import sys\nprint('x')\nsys.stdout.close()\n", 0, True),
+    "threads_joined": ("import threading\nthreading.Thread(target=print).start()\n", 0, True),
     # Another thread could still end the process with another code.
     "daemon_thread": (
         "import threading, time\n"
         "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
         "raise SystemExit(4)\n",
         4,
+        False,
     ),
-    "os_exit": ("import os\nprint('x', flush=True)\nos._exit(5)\n", 5),
+    "os_exit": ("import os\nprint('x', flush=True)\nos._exit(5)\n", 5, False),
     # A finalizer that ends the process while the program's globals are dropped.
     "exit_in_finalizer": (
         "import os\nclass A:\n    def __del__(self, end=os._exit):\n        end(7)\na = A()\n",
         7,
+        False,
     ),
-    "killed": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -9),
-    "channel_closed": ("import os\nos.close(RESULT_FD)\n", 0),
+    "killed": ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n", -9, False),
+    "channel_closed": ("import os\nos.close(RESULT_FD)\n", 0, False),
 }
 
 
-@pytest.mark.parametrize("source", SAYS_NO_END.values(), ids=SAYS_NO_END.keys())
-def test_no_end_line_when_the_code_could_still_change(
-    python: str, tmp_path: Path, source: tuple[str, int]
+@pytest.mark.parametrize("case", END_LINE.values(), ids=END_LINE.keys())
+def test_the_driver_says_its_exit_code_last(
+    python: str, tmp_path: Path, case: tuple[str, int, bool]
 ) -> None:
-    code, expected = source
+    """``exit N`` after the report: the code the process exits with; base.end_code reads it."""
+    code, expected, said = case
     run = drive(python, tmp_path, code)
     assert run.code == expected
-    assert end_code(run.side_channel) is None
+    if not said:
+        assert end_code(run.side_channel) is None
+        return
+    assert run.side_channel.endswith(b"}\n\nexit %d\n" % expected)
+    assert end_code(run.side_channel) == expected
+    assert run.report == parse_report(run.side_channel.removesuffix(b"\nexit %d\n" % expected))
 
 
 def test_a_forked_child_of_the_program_says_no_end(python: str, tmp_path: Path) -> None:
