@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 from dataclasses import replace
 
@@ -266,3 +267,30 @@ async def test_what_a_run_leaves_running_is_killed_with_it(sandbox: Harness) -> 
         assert ran.outcome.exit_code == 0, ran.stderr
         assert ran.stdout == "main done\n"
         assert ran.elapsed < 2  # the end did not wait for what the program left behind
+
+
+@pytest.mark.timeout(120)
+async def test_pooled_runs_with_the_servers_fds_past_1024(sandbox: Harness) -> None:
+    """A busy server holds many fds: the pool's checks on its sandboxes (alive, ended)
+    work for fd numbers past select()'s 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 1400:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} < 1400")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1400), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+    try:
+        for _ in range(3):  # the fds of these sandboxes are all above 1024 now
+            ran = await run_driver(sandbox, "print('past 1024')", pooled=True)
+            assert (ran.outcome.exit_code, ran.stdout) == (0, "past 1024\n"), ran.stderr
+            assert min(ran_fds(sandbox)) > 1024
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def ran_fds(harness: Harness) -> list[int]:
+    """The fds the pool's ready sandboxes hold in the server."""
+    pool = harness.backend._pool
+    assert pool is not None
+    return [fd for state in pool._keys.values() for e in state.idle for fd in e.box.fds._open]

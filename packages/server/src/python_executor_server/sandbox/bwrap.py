@@ -231,12 +231,14 @@ class BwrapBackend:
 
     async def remove_workspace(self, path: Path) -> None:
         key = self._refills.pop(path, None)
-        if key is not None and self._pool is not None:
-            self._pool.refill(key)
-        entry = self._claimed.pop(path, None)
-        if entry is not None:  # handed out, never run
-            await self.destroy(entry)
-        await self._blocking(self._workspaces.remove, path)
+        try:
+            entry = self._claimed.pop(path, None)
+            if entry is not None:  # handed out, never run
+                await self.destroy(entry)
+            await self._blocking(self._workspaces.remove, path)
+        finally:
+            if key is not None and self._pool is not None:
+                self._pool.refill(key)
 
     async def _blocking(self, work: Callable[[Path], None], workdir: Path) -> None:
         """``work`` on the workspace: inline when it holds a few files (an eval run's),

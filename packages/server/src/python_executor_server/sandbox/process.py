@@ -48,7 +48,7 @@ class Child:
     def exited(self) -> bool:
         """Without waiting: has it ended (reaped now if so)?"""
         pidfd = self._pidfd
-        if self.returncode is None and pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+        if self.returncode is None and pidfd is not None and _readable_now(pidfd):
             self._reap()
         return self.returncode is not None
 
@@ -116,7 +116,7 @@ class StatusChild:
         return self.returncode
 
     def exited(self) -> bool:
-        if self.returncode is None and select.select([self._fd], [], [], 0)[0]:
+        if self.returncode is None and _readable_now(self._fd):
             self._read()
         return self.returncode is not None
 
@@ -143,6 +143,14 @@ class StatusChild:
 
     def kill(self) -> None:
         self._init.kill()
+
+
+def _readable_now(fd: int) -> bool:
+    """Without waiting: ``fd`` is readable (or at its end). poll, not select: a busy
+    server's fds go past select's 1024."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 @contextlib.contextmanager
