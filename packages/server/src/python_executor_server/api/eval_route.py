@@ -28,8 +28,8 @@ from python_executor_client.models import EvalRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ExecutorError
-from .deps import Services
 from .errors import error_response
+from .executions import run_eval
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -48,7 +48,6 @@ class EvalRoute:
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
-
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -65,14 +64,12 @@ class EvalRoute:
         if request is None:  # FastAPI answers it (an error, another method, ...)
             await self.app(scope, _replay(body, receive), send)
             return
-        services: Services = scope["app"].state.services
         try:
-            job = services.builder.from_eval(request)
-            record = await services.service.run_sync(job)
+            result = await run_eval(scope["app"].state.services, request)
         except ExecutorError as exc:
             await error_response(exc, scope["path"])(scope, receive, send)
             return
-        content = record.to_result().model_dump_json().encode()
+        content = result.model_dump_json().encode()
         await _send_json(send, 200, content)
 
     async def _body(self, receive: Receive) -> bytes | None:

@@ -124,7 +124,11 @@ async def exec_async(request: Request) -> SubmitResponse:
 
 @router.post("/eval", response_model=ExecutionResult, summary="Run code given as JSON")
 async def eval_code(body: EvalRequest, request: Request) -> ExecutionResult:
-    svc = services(request)
+    return await run_eval(services(request), body)
+
+
+async def run_eval(svc: Services, body: EvalRequest) -> ExecutionResult:
+    """An eval, start to finish (this route and ``eval_route.EvalRoute`` both call it)."""
     record = await svc.service.run_sync(svc.builder.from_eval(body))
     return record.to_result()
 

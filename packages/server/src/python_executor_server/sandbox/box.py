@@ -242,11 +242,12 @@ class Box:
             await _sweep(self.slot)
 
     async def cleanup(self, cgroups: Cgroups | None) -> None:
-        """Terminate, then release everything. Shielded by the caller."""
+        """Kill, wait until every process is gone, then release everything. Shielded by
+        the caller."""
         try:
-            await self.terminate()
-            if self.end_reported():  # not waited for by terminate
-                await self._reap()
+            if self.init is not None:
+                self.init.kill()
+            await self._reap()  # (``terminate`` leaves this to us for a reported end)
             if self.network is not None:
                 await self.network.close()
         finally:

@@ -30,7 +30,7 @@ import itertools
 import os
 import re
 import shutil
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from .instance import new_instance_name
 from .launch import Launcher, Tools, launch_env
 from .mounts import traversable_by
 from .network import network_status
-from .pool import Entry, PoolKey, SandboxPool, pool_key
+from .pool import Entry, PoolKey, SandboxPool, pool_key, spawn
 from .rlimits import may_limit_others
 from .rootfs import RootFs
 from .workspace import DETACHED_PREFIX, POOL_PREFIX, Workspaces, chown_tree
@@ -297,7 +297,6 @@ class BwrapBackend:
             if launch is not None:
                 await launch(box, spec)
             job = encode_job(spec.argv[spec.prestart :], _job_env(spec)) if spec.prestart else None
-
             return await box.run(spec, sink, job)
         except (SandboxError, OSError, ValueError) as exc:
             return RunOutcome(exit_code=None, error=f"sandbox setup failed: {exc}")
@@ -336,21 +335,16 @@ class BwrapBackend:
         if network is not None:
             network.release()
         if box.end_reported():
-            self._background(self._cleanup(box))
+            spawn(self._ending, self._cleanup(box))
         else:
             await self._cleanup(box)
         if network is not None:
-            self._background(network.close())
+            spawn(self._ending, network.close())
 
     async def _cleanup(self, box: Box) -> None:
         with anyio.CancelScope(shield=True):
             await box.cleanup(self._cgroups)
         self._live.discard(box)
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
 
     # --- the pool's factory --------------------------------------------------------
 

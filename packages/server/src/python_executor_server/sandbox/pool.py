@@ -169,7 +169,7 @@ class SandboxPool:
             return
         while len(state.idle) + state.filling < self._factory.pool_size(key):
             state.filling += 1
-            self._spawn(self._fills, self._fill(key, state))
+            spawn(self._fills, self._fill(key, state))
 
     async def _fill(self, key: PoolKey, state: _Key) -> None:
         entry: Entry | None = None
@@ -213,13 +213,7 @@ class SandboxPool:
 
     def _discard(self, entries: Iterable[Entry]) -> None:
         for entry in list(entries):
-            self._spawn(self._destroys, self._factory.destroy(entry))
-
-    @staticmethod
-    def _spawn(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+            spawn(self._destroys, self._factory.destroy(entry))
 
     # --- state and shutdown --------------------------------------------------------------
 
@@ -256,3 +250,11 @@ class SandboxPool:
                 await self._factory.destroy(entry)
             state.idle.clear()
         self._keys.clear()
+
+
+def spawn(tasks: set[asyncio.Task[None]], work: Coroutine[Any, Any, None]) -> None:
+    """Run ``work`` in the background, held in ``tasks`` until it is done (to be awaited
+    or cancelled at shutdown)."""
+    task = asyncio.get_running_loop().create_task(work)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
