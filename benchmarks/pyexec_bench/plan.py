@@ -26,7 +26,7 @@ class Plan:
     cold_requests: int = 25
     requirement_runs: int = 12
     upload_sizes: tuple[int, ...] = (100 * MB, GiB)
-    upload_repeats: int = 3  # for every size under 1 GiB; 1 GiB goes once
+    upload_repeats: int = 3  # each size, and its disk-write baseline: the median is reported
     loop_seconds: float = 20.0  # cap of each count-bounded loop
     idle_wait_seconds: float = 30.0
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,13 +55,15 @@ def create_test_app() -> Starlette:
                 request,
                 dest,
                 max_bytes=int(request.query_params.get("max_bytes", 1 << 40)),
+                max_entries=1000,
                 max_metadata_bytes=int(request.query_params.get("max_metadata", MiB)),
             )
         except errors.ExecutorError as exc:
             # "Connection: close": uvicorn then stops reading instead of draining the body
             content = {"error": exc.message, "kind": type(exc).__name__}
             return JSONResponse(content, exc.status_code, headers={"connection": "close"})
-        return JSONResponse({"tar_path": str(got.tar_path), "metadata": got.metadata.decode()})
+        project = {"root": str(got.project.root), "files": list(got.project.files)}
+        return JSONResponse({"project": project, "metadata": got.metadata.decode()})
 
     return Starlette(routes=[Route("/upload", upload, methods=["POST"])])
 
@@ -152,6 +155,7 @@ def tar_part(data: bytes, chunk: int = 64 * 1024) -> Part:
 
 
 def real_tar(extra: bytes = b"") -> bytes:
+    """main.py, then blob.bin holding ``extra``."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for name, data in [("main.py", b"print('hi')\n"), ("blob.bin", extra)]:
@@ -202,34 +206,33 @@ def files_in(dest: Path) -> list[str]:
 
 @pytest.mark.parametrize("order", ["metadata-first", "tar-first"])
 def test_both_parts_in_either_order(server: Server, order: str) -> None:
-    tar = real_tar(tricky_payload(3 * MiB + 12345))
-    parts = [metadata({"entrypoint": "main.py", "stdin": "x"}), tar_part(tar, chunk=7919)]
+    payload = tricky_payload(3 * MiB + 12345)
+    parts = [metadata({"entrypoint": "main.py", "stdin": "x"}), tar_part(real_tar(payload), 7919)]
     if order == "tar-first":
         parts.reverse()
     response, dest = post(server, body(*parts))
     assert response.status_code == 200, response.text
     got = response.json()
     assert json.loads(got["metadata"]) == {"entrypoint": "main.py", "stdin": "x"}
-    assert got["tar_path"] == str(dest / "upload.tar")
-    assert (
-        hashlib.sha256(Path(got["tar_path"]).read_bytes()).digest() == hashlib.sha256(tar).digest()
-    )
+    assert got["project"] == {"root": str(dest / "project"), "files": ["main.py", "blob.bin"]}
+    blob = (dest / "project" / "blob.bin").read_bytes()
+    assert hashlib.sha256(blob).digest() == hashlib.sha256(payload).digest()
 
 
 def test_with_content_length_and_unknown_parts(server: Server) -> None:
-    tar = real_tar(b"payload")
     extra: Part = ("comment", [b"ignored " * 1000], None)
-    data = b"".join(body(extra, metadata(), tar_part(tar), ("other", [b"zz"], "x.bin")))
+    data = b"".join(body(extra, metadata(), tar_part(real_tar(b"payload")), ("o", [b"zz"], "x")))
     response, dest = post(server, data)  # bytes: httpx sends a Content-Length
     assert response.status_code == 200, response.text
-    assert (dest / "upload.tar").read_bytes() == tar
-    assert files_in(dest) == ["upload.tar"]
+    assert (dest / "project" / "blob.bin").read_bytes() == b"payload"
+    assert files_in(dest) == ["blob.bin", "main.py", "project"]  # nothing else stays
 
 
 def test_empty_tar_part_is_accepted(server: Server) -> None:
     response, dest = post(server, body(metadata(), ("tar", [], "empty.tar")))
     assert response.status_code == 200, response.text
-    assert (dest / "upload.tar").read_bytes() == b""
+    assert response.json()["project"]["files"] == []
+    assert files_in(dest) == ["project"]
 
 
 @pytest.mark.parametrize(
@@ -324,7 +327,10 @@ def test_streamed_body_over_the_limit_is_cut_off(server: Server) -> None:
 
     def chunks() -> Iterator[bytes]:
         nonlocal sent
-        block = real_tar()[:512] + b"\0" * (MiB - 512)
+        info = tarfile.TarInfo("big.bin")
+        info.size = 64 * MiB  # a valid start of an archive: only the limit stops it
+        yield info.tobuf(tarfile.PAX_FORMAT)
+        block = b"\0" * MiB
         for _ in range(64):
             sent += len(block)
             yield block
@@ -332,7 +338,7 @@ def test_streamed_body_over_the_limit_is_cut_off(server: Server) -> None:
     response, dest = post(server, body(metadata(), ("tar", chunks(), "p.tar")), max_bytes=8 * MiB)
     assert response.status_code == 413
     assert "maximum of 8388608 bytes" in response.json()["error"]
-    assert files_in(dest) == []  # the partial upload.tar was removed
+    assert files_in(dest) == []  # what was extracted before the limit was removed
     assert sent < 64 * MiB  # the server answered without waiting for the whole body
 
 
@@ -363,7 +369,7 @@ def test_client_disconnect_mid_body_leaves_nothing(server: Server) -> None:
             + b"\0" * (5 * MiB)
         )
         deadline = time.monotonic() + 10
-        while not (server.dir(request_id) / "upload.tar").exists():
+        while not (server.dir(request_id) / ".project.incoming").exists():
             assert time.monotonic() < deadline
             time.sleep(0.01)
     deadline = time.monotonic() + 10
@@ -391,12 +397,11 @@ def test_large_body_streams_with_flat_memory(server: Server) -> None:
     response, dest = post(server, body(metadata(), ("tar", chunks(), "big.tar")))
     peak = server.status()["VmHWM"]
     assert response.status_code == 200, response.text
-    tar_path = dest / "upload.tar"
-    assert tar_path.stat().st_size == len(header) + size + 1024
-    with tar_path.open("rb") as f:
-        assert f.read(len(header)) == header
+    big = dest / "project" / "big.bin"
+    assert big.stat().st_size == size
+    with big.open("rb") as f:
         assert f.read(MiB) == block
-    tar_path.unlink()
+    big.unlink()
     assert (peak - before) * 1024 < 64 * MiB, f"server RSS grew by {(peak - before) // 1024} MiB"
 
 
@@ -415,10 +420,12 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI is root)")
 async def test_disk_full_is_a_server_error_and_leaves_nothing(tiny_fs: Path) -> None:
     data = b"".join(body(metadata(), tar_part(real_tar(os.urandom(3 * MiB)))))
-    with pytest.raises(errors.ExecutorError, match="could not be stored") as caught:
-        await receive_exec_upload(asgi_request(data, 65536), tiny_fs, max_bytes=len(data))
+    with pytest.raises(errors.ExecutorError, match="could not be extracted") as caught:
+        await receive_exec_upload(
+            asgi_request(data, 65536), tiny_fs, max_bytes=len(data), max_entries=10
+        )
     assert caught.value.status_code == 500
-    assert not (tiny_fs / "upload.tar").exists()
+    assert not any(os.scandir(tiny_fs))
 
 
 # --- chunk boundaries, exactly, through the ASGI interface ------------------------------------
@@ -445,31 +452,41 @@ def asgi_request(data: bytes, chunk: int) -> Request:
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 17, 511, 512, 513, 4096, 65536])
 async def test_any_chunking_gives_the_same_bytes(tmp_path: Path, chunk: int) -> None:
-    tar = real_tar(tricky_payload(20_000 if chunk < 17 else 300_000))
-    data = b"".join(body(tar_part(tar), metadata({"a": "--" + BOUNDARY})))
-    got = await receive_exec_upload(asgi_request(data, chunk), tmp_path, max_bytes=len(data))
-    assert got.tar_path.read_bytes() == tar
+    payload = tricky_payload(20_000 if chunk < 17 else 300_000)
+    data = b"".join(body(tar_part(real_tar(payload)), metadata({"a": "--" + BOUNDARY})))
+    got = await receive_exec_upload(
+        asgi_request(data, chunk), tmp_path, max_bytes=len(data), max_entries=10
+    )
+    assert (got.project.root / "blob.bin").read_bytes() == payload
     assert json.loads(got.metadata) == {"a": "--" + BOUNDARY}
 
 
 async def test_missing_dest_dir_is_created_and_removed_again_on_error(tmp_path: Path) -> None:
     good = b"".join(body(metadata(), tar_part(real_tar())))
     dest = tmp_path / "staging" / "exe_1"
-    got = await receive_exec_upload(asgi_request(good, 4096), dest, max_bytes=len(good))
-    assert got.tar_path == dest / "upload.tar"
-    assert got.tar_path.read_bytes() == real_tar()
+    got = await receive_exec_upload(
+        asgi_request(good, 4096), dest, max_bytes=len(good), max_entries=10
+    )
+    assert got.project.root == dest / "project"
+    assert (got.project.root / "main.py").read_bytes() == b"print('hi')\n"
     no_metadata = b"".join(body(tar_part(real_tar())))
     other = tmp_path / "staging" / "exe_2"
     with pytest.raises(errors.BadRequest, match="no `metadata` part"):
-        await receive_exec_upload(asgi_request(no_metadata, 4096), other, max_bytes=MiB)
+        await receive_exec_upload(
+            asgi_request(no_metadata, 4096), other, max_bytes=MiB, max_entries=10
+        )
     assert not other.exists()
 
 
 async def test_limit_counts_every_body_byte(tmp_path: Path) -> None:
     data = b"".join(body(metadata(), tar_part(real_tar())))
-    got = await receive_exec_upload(asgi_request(data, 1000), tmp_path, max_bytes=len(data))
-    assert got.tar_path.exists()
-    got.tar_path.unlink()
+    got = await receive_exec_upload(
+        asgi_request(data, 1000), tmp_path, max_bytes=len(data), max_entries=10
+    )
+    assert got.project.files == ("main.py", "blob.bin")
+    shutil.rmtree(got.project.root)
     with pytest.raises(errors.PayloadTooLarge):
-        await receive_exec_upload(asgi_request(data, 1000), tmp_path, max_bytes=len(data) - 1)
-    assert not (tmp_path / "upload.tar").exists()
+        await receive_exec_upload(
+            asgi_request(data, 1000), tmp_path, max_bytes=len(data) - 1, max_entries=10
+        )
+    assert not any(os.scandir(tmp_path))

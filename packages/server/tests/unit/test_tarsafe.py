@@ -18,6 +18,8 @@ from typing import Literal
 import pytest
 from python_executor_server import errors
 from python_executor_server.upload import detect_entrypoint, extract_tar, sniff_compression
+from python_executor_server.upload.chunks import LOOKBEHIND, ChunkReader
+from python_executor_server.upload.tarsafe import extract_chunks
 
 Entry = tuple[tarfile.TarInfo, bytes | None]
 
@@ -516,9 +518,9 @@ def test_disk_full_midway_is_a_server_error(tmp_path: Path, tiny_fs: Path) -> No
     with pytest.raises(errors.ExecutorError, match="could not be extracted") as caught:
         extract_tar(path, tiny_fs / "project", max_entries=10)
     assert caught.value.status_code == 500
-    assert (
-        tiny_fs / "project" / "a.bin"
-    ).exists()  # written before the failure: the caller removes dest
+    # the disk filled while the data was still arriving: its incoming dir is gone, and the
+    # project dir was never made
+    assert list(tiny_fs.iterdir()) == []
 
 
 def test_absurd_mtimes_do_not_break_extraction(tmp_path: Path) -> None:
@@ -571,3 +573,74 @@ def test_validation_runs_before_the_dest_is_created(tmp_path: Path) -> None:
 )
 def test_detect_entrypoint(files: list[str], expected: str | None) -> None:
     assert detect_entrypoint(files) == expected
+
+
+# --- an archive read as it arrives ---------------------------------------------------------
+
+
+def _mixed_archive() -> bytes:
+    sizes = [0, 1, 511, 512, 513, 70_000]
+    return tar_bytes(
+        [
+            directory("pkg"),
+            *(file(f"pkg/f{size}.bin", os.urandom(size)) for size in sizes),
+            file("deep/" + "d" * 120 + "/" + "n" * 150 + ".py", b"long name\n"),
+            link("pkg/alias", "f513.bin"),
+            file("main.py", b"print(1)\n", mode=0o700),
+        ]
+    )
+
+
+def _tree(root: Path) -> dict[str, tuple[int, bytes | str]]:
+    found: dict[str, tuple[int, bytes | str]] = {}
+    for p in sorted(root.rglob("*")):
+        st = p.lstat()
+        content: bytes | str = (
+            os.readlink(p) if p.is_symlink() else p.read_bytes() if p.is_file() else ""
+        )
+        found[p.relative_to(root).as_posix()] = (stat.S_IMODE(st.st_mode), content)
+    return found
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 511, 512, 513, 4096, 1 << 20])
+def test_any_chunking_extracts_the_same_tree(tmp_path: Path, chunk: int) -> None:
+    data = _mixed_archive()
+    pieces = iter([data[i : i + chunk] for i in range(0, len(data), chunk)])
+    project = extract_chunks(lambda: next(pieces, None), tmp_path / "project", max_entries=100)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "upload.tar").write_bytes(data)
+    want = extract_tar(reference / "upload.tar", reference / "project", max_entries=100)
+    assert project.files == want.files
+    assert _tree(project.root) == _tree(want.root)
+    assert (project.root / "pkg/f513.bin").read_bytes() == (want.root / "pkg/f513.bin").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project", "reference"]  # no leftovers
+
+
+def test_a_refused_stream_leaves_nothing(tmp_path: Path) -> None:
+    data = tar_bytes([*(file(f"f{i}.bin", os.urandom(5000)) for i in range(50)), file("../x")])
+    pieces = iter([data[i : i + 4096] for i in range(0, len(data), 4096)])
+    with pytest.raises(errors.UnsafeArchive):
+        extract_chunks(lambda: next(pieces, None), tmp_path / "project", max_entries=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_stream_that_stops_inside_a_file_is_a_bad_request(tmp_path: Path) -> None:
+    data = tar_bytes([file("main.py", b"x"), file("big.bin", os.urandom(100_000))])
+    cut = iter([data[:20_000]])
+    with pytest.raises(errors.BadRequest, match=r"ends inside 'big\.bin'"):
+        extract_chunks(lambda: next(cut, None), tmp_path / "project", max_entries=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_chunk_reader_keeps_only_a_little_behind() -> None:
+    pieces = iter([b"a" * 10_000, b"b" * 10_000, b"c" * 10_000])
+    reader = ChunkReader(lambda: next(pieces, None))
+    assert reader.read(15_000) == b"a" * 10_000 + b"b" * 5_000
+    reader.seek(15_000 - LOOKBEHIND)  # a seek back within the last few KiB works
+    assert reader.read(LOOKBEHIND + 1) == b"b" * LOOKBEHIND + b"b"
+    with pytest.raises(OSError, match="cannot seek back"):
+        reader.seek(0)
+    reader.seek(25_000)  # forward: skipped
+    assert reader.read(10_000) == b"c" * 5_000
+    assert reader.read(1) == b""

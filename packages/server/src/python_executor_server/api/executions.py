@@ -27,7 +27,6 @@ from ..execution.jobs import Job
 from ..execution.output import LogEvent
 from ..store.base import new_execution_id
 from ..upload.multipart import receive_exec_upload
-from ..upload.tarsafe import extract_tar
 from .deps import Services, services
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -65,24 +64,22 @@ _MULTIPART_BODY = {
 
 
 async def _exec_job(request: Request, svc: Services) -> tuple[str, Job]:
-    """Stream the upload to disk, extract it safely and build the job (400/413 on bad input)."""
+    """Stream the upload, checking and extracting it as it arrives; build the job (400/413)."""
     execution_id = new_execution_id()
     staging = svc.service.staging_dir(execution_id)
     try:
         staging.mkdir(parents=True)
         upload = await receive_exec_upload(
-            request, staging, max_bytes=svc.settings.max_upload_bytes
+            request,
+            staging,
+            max_bytes=svc.settings.max_upload_bytes,
+            max_entries=svc.settings.max_archive_entries,
         )
         try:
             meta = Metadata.model_validate_json(upload.metadata)
         except ValidationError as exc:
             raise BadRequest(f"invalid metadata: {_first_error(exc)}") from None
-        project = await anyio.to_thread.run_sync(
-            lambda: extract_tar(
-                upload.tar_path, staging / "project", max_entries=svc.settings.max_archive_entries
-            )
-        )
-        upload.tar_path.unlink(missing_ok=True)
+        project = upload.project
         return execution_id, svc.builder.from_metadata(meta, str(project.root), project.files)
     except BaseException:
         await anyio.to_thread.run_sync(lambda: shutil.rmtree(staging, ignore_errors=True))

@@ -1,15 +1,17 @@
 """Streaming reader of the ``tar`` + ``metadata`` multipart body of ``/exec`` requests.
 
-The body goes from the socket to disk chunk by chunk through python-multipart's
-streaming parser: the ``tar`` part is written to a file by a writer task (in a
-worker thread, 2 MiB at a time, at most ~8 MiB in memory, so that receiving
-and writing overlap), the ``metadata`` part is kept in memory up to a small cap,
-and nothing else is buffered. Never ``UploadFile`` / ``request.form()``.
+The body goes from the socket through python-multipart's streaming parser:
+the ``tar`` part is checked and extracted as it arrives (``extract_chunks`` in
+a worker thread, fed 2 MiB batches, at most ~8 MiB in memory, so that
+receiving and extracting overlap, and the data is written once, straight to
+its file), the ``metadata`` part is kept in memory up to a small cap, and
+nothing else is buffered. Never ``UploadFile`` / ``request.form()``.
 
 Usage::
 
-    upload = await receive_exec_upload(request, workdir, max_bytes=settings.max_upload_bytes)
+    upload = await receive_exec_upload(request, workdir, max_bytes=..., max_entries=100_000)
     metadata = Metadata.model_validate_json(upload.metadata)
+    upload.project.root, upload.project.files  # workdir / "project"
 
 ``dest_dir`` is created when missing. On any error everything this call wrote
 is removed before the error is raised (the caller still owns ``dest_dir``).
@@ -23,10 +25,12 @@ connection alive.
 from __future__ import annotations
 
 import contextlib
+import functools
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
@@ -36,20 +40,20 @@ from starlette.datastructures import Headers
 from starlette.requests import ClientDisconnect, Request
 
 from python_executor_server import errors
-from python_executor_server.upload.tarsafe import SNIFF_BYTES, sniff_compression
+from python_executor_server.upload.tarsafe import ExtractedProject, extract_chunks
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-TAR_FILENAME = "upload.tar"
-_FLUSH_BYTES = 2 << 20  # one thread hop per 2 MiB written, not per socket read
-_QUEUED_BATCHES = 3  # so at most ~8 MiB received but not yet written
+PROJECT_DIRNAME = "project"
+_FLUSH_BYTES = 2 << 20  # one thread hop per 2 MiB extracted, not per socket read
+_QUEUED_BATCHES = 3  # so at most ~8 MiB received but not yet extracted
 _TAR, _METADATA = "tar", "metadata"
 
 
 @dataclass(frozen=True)
 class ExecUpload:
-    tar_path: Path  # the `tar` part, streamed to this file
+    project: ExtractedProject  # the `tar` part, checked and extracted into dest_dir/project
     metadata: bytes  # the `metadata` part (JSON text, not parsed here)
 
 
@@ -58,23 +62,26 @@ async def receive_exec_upload(
     dest_dir: Path,
     *,
     max_bytes: int,
+    max_entries: int,
     max_metadata_bytes: int = 1 << 20,
 ) -> ExecUpload:
-    """Stream the request's multipart body: ``tar`` to ``dest_dir/upload.tar``, ``metadata`` kept.
+    """Stream the request's multipart body: ``tar`` extracted into ``dest_dir/project``.
 
     Raises PayloadTooLarge once the body passes ``max_bytes``, UnsupportedArchive
-    for a compressed ``tar`` part, BadRequest for anything else wrong with the body.
+    for a compressed ``tar`` part, UnsafeArchive / BadRequest for an archive
+    ``extract_chunks`` refuses, BadRequest for anything else wrong with the body.
     """
     _check_declared_length(request.headers, max_bytes)
     parser, parts = _make_parser(request.headers, max_metadata_bytes)
-    sink = await _TarSink.create(dest_dir)
+    extractor = _Extractor(dest_dir, max_entries)
     try:
-        await _receive(request, parser, parts, sink, max_bytes)
+        await _receive(request, parser, parts, extractor, max_bytes)
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await sink.discard()
+            await anyio.to_thread.run_sync(extractor.discard)
         raise
-    return ExecUpload(tar_path=sink.path, metadata=bytes(parts.metadata))
+    assert extractor.project is not None
+    return ExecUpload(project=extractor.project, metadata=bytes(parts.metadata))
 
 
 def _check_declared_length(headers: Headers, max_bytes: int) -> None:
@@ -102,20 +109,27 @@ def _make_parser(headers: Headers, max_metadata_bytes: int) -> tuple[MultipartPa
 
 
 async def _receive(
-    request: Request, parser: MultipartParser, parts: _Parts, sink: _TarSink, max_bytes: int
+    request: Request, parser: MultipartParser, parts: _Parts, extractor: _Extractor, max_bytes: int
 ) -> None:
-    """Receiving and writing overlap: the pump queues batches, a writer task writes them."""
+    """Receiving and extracting overlap: the pump queues batches, the extractor takes them."""
     send, batches = anyio.create_memory_object_stream[bytearray](_QUEUED_BATCHES)
     try:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(sink.write_all, batches)
-            async with send:
+            tasks.start_soon(extractor.run, batches)
+            async with send:  # closed, the extractor sees the archive's end
                 await _pump(request, parser, parts, send, max_bytes)
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:  # ours, not a group: the handler maps it to HTTP
-            raise group.exceptions[0] from None
-        raise
-    await sink.close()
+        raise _reason(group, extractor.error) from None
+    finally:
+        batches.close()
+
+
+def _reason(
+    group: BaseExceptionGroup[BaseException], extractor_error: BaseException | None
+) -> BaseException:
+    """The body's own error first: the extractor then only saw the archive cut short."""
+    body_errors = [exc for exc in group.exceptions if exc is not extractor_error]
+    return (body_errors or list(group.exceptions))[0]
 
 
 async def _pump(
@@ -132,7 +146,8 @@ async def _pump(
             if received > max_bytes:
                 raise _too_large(max_bytes)
             _feed(parser, chunk)
-            if _tar_batch_ready(parts):
+            pending = len(parts.tar_pending)
+            if pending >= _FLUSH_BYTES or (parts.tar_ended and pending):
                 await send.send(parts.take_tar())
     except ClientDisconnect as exc:
         raise errors.BadRequest("the client disconnected before the body was complete") from exc
@@ -146,26 +161,12 @@ def _feed(parser: MultipartParser, chunk: bytes) -> None:
         raise errors.BadRequest(f"the multipart body is malformed: {exc}") from exc
 
 
-def _tar_batch_ready(parts: _Parts) -> bool:
-    """Sniff the tar part's first bytes once; then a batch is ready at 2 MiB or the part's end."""
-    pending = len(parts.tar_pending)
-    if not parts.tar_sniffed and (pending >= SNIFF_BYTES or parts.tar_ended):
-        kind = sniff_compression(bytes(parts.tar_pending[:SNIFF_BYTES]))
-        if kind is not None:
-            raise errors.UnsupportedArchive(
-                f"only uncompressed tar archives are accepted (got {kind})"
-            )
-        parts.tar_sniffed = True
-    return parts.tar_sniffed and (pending >= _FLUSH_BYTES or (parts.tar_ended and pending > 0))
-
-
 @dataclass
 class _Parts:
     """Parser callbacks. They only route bytes to buffers: the pump does the I/O."""
 
     max_metadata_bytes: int
     tar_pending: bytearray = field(default_factory=bytearray)  # not yet queued for writing
-    tar_sniffed: bool = False
     tar_ended: bool = False
     metadata: bytearray = field(default_factory=bytearray)
     finished: bool = False
@@ -235,53 +236,47 @@ class _Parts:
         self.finished = True
 
 
-class _TarSink:
-    """The file the `tar` part goes to; every blocking call runs in a worker thread."""
+class _Extractor:
+    """``extract_chunks`` in a worker thread, on the batches of the `tar` part as they come."""
 
-    def __init__(self, path: Path, file: BinaryIO, made_dir: bool) -> None:
-        self.path = path
-        self._file = file
-        self._made_dir = made_dir
+    def __init__(self, dest_dir: Path, max_entries: int) -> None:
+        self.dest_dir = dest_dir
+        self.max_entries = max_entries
+        self.project: ExtractedProject | None = None
+        self.error: BaseException | None = None
+        self._made_dir = False
 
-    @classmethod
-    async def create(cls, dest_dir: Path) -> _TarSink:
-        return await anyio.to_thread.run_sync(cls._open, dest_dir)
+    async def run(self, batches: MemoryObjectReceiveStream[bytearray]) -> None:
+        try:
+            self.project = await anyio.to_thread.run_sync(self._extract, batches)
+        except BaseException as exc:
+            self.error = exc
+            raise
 
-    @classmethod
-    def _open(cls, dest_dir: Path) -> _TarSink:
-        made_dir = not dest_dir.is_dir()
-        path = dest_dir / TAR_FILENAME
+    def _extract(self, batches: MemoryObjectReceiveStream[bytearray]) -> ExtractedProject:
         with _storing():
-            dest_dir.mkdir(parents=True, exist_ok=True)
-            return cls(path, path.open("xb"), made_dir)  # "x": never follows or reuses a path
+            self._made_dir = not self.dest_dir.is_dir()
+            self.dest_dir.mkdir(parents=True, exist_ok=True)
+        return extract_chunks(
+            functools.partial(_next_batch, batches),
+            self.dest_dir / PROJECT_DIRNAME,
+            max_entries=self.max_entries,
+        )
 
-    async def write_all(self, batches: MemoryObjectReceiveStream[bytearray]) -> None:
-        async with batches:
-            async for batch in batches:
-                await anyio.to_thread.run_sync(self._write, batch)
-
-    def _write(self, batch: bytearray) -> None:
-        with _storing():
-            self._file.write(batch)  # larger than the buffer: written through, no copy
-
-    async def close(self) -> None:
-        await anyio.to_thread.run_sync(self._close)
-
-    def _close(self) -> None:
-        with _storing():
-            self._file.close()
-
-    async def discard(self) -> None:
-        await anyio.to_thread.run_sync(self._discard)
-
-    def _discard(self) -> None:
+    def discard(self) -> None:
         # best effort: never hide the error that got us here behind a cleanup one
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            self.path.unlink(missing_ok=True)
-            if self._made_dir:
-                self.path.parent.rmdir()
+        shutil.rmtree(self.dest_dir / PROJECT_DIRNAME, ignore_errors=True)
+        if self._made_dir:
+            with contextlib.suppress(OSError):
+                self.dest_dir.rmdir()
+
+
+def _next_batch(batches: MemoryObjectReceiveStream[bytearray]) -> bytearray | None:
+    """The next batch of the `tar` part (from the worker thread); None at its end."""
+    try:
+        return anyio.from_thread.run(batches.receive)
+    except anyio.EndOfStream:
+        return None
 
 
 @contextlib.contextmanager

@@ -1,8 +1,12 @@
-"""Safe extraction of an uploaded, uncompressed tar archive.
+"""Safe extraction of an uncompressed tar archive, read once, as it arrives.
 
-Every member header is checked in a full pass over the archive before
-anything is written; only then are the members extracted, with tarfile's
-``data`` filter as a second line of defence. Rejected with
+The archive is read front to back from a stream of chunks (an upload still
+arriving, or a file): each member header is checked as it comes, and each
+regular file's data goes straight to a private "incoming" directory beside
+``dest`` under a name of our own. ``dest`` itself is only created once the
+whole archive has been read and every member passed, then filled by renaming
+those files into place (no second copy of the data), with tarfile's ``data``
+filter as a second line of defence. Rejected with
 :class:`~python_executor_server.errors.UnsafeArchive` (400 naming the entry):
 absolute paths, ``..`` components, hard links (all of them), device nodes,
 FIFOs, sparse files, unknown entry types, paths too long or too deep, symlinks
@@ -13,28 +17,30 @@ through symlinked directories). BadRequest: more than ``max_entries`` entries
 (parent directories included), a body tarfile cannot read, data after the end
 of the archive, oversized pax / GNU long-name headers.
 
-Usage (``extract_tar`` blocks: run it in a worker thread)::
+Usage (both block: run them in a worker thread)::
 
-    project = await anyio.to_thread.run_sync(
-        functools.partial(extract_tar, upload.tar_path, workdir / "project", max_entries=100_000)
-    )
+    project = extract_tar(tar_path, workdir / "project", max_entries=100_000)
+    project = extract_chunks(next_chunk, workdir / "project", max_entries=100_000)
     entrypoint = metadata.entrypoint or detect_entrypoint(project.files)
 
-``dest`` is created only once validation has passed. If extraction then fails
-midway (disk full, ...), what was already written stays: the caller removes
-``dest``.
+``next_chunk()`` returns the next piece of the archive, ``None`` or empty at
+its end. On any error the incoming directory is removed; if populating ``dest``
+fails midway (disk full, ...), what was already written there stays: the
+caller removes ``dest``.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from python_executor_server import errors
+from python_executor_server.upload.chunks import Chunk, ChunkReader
 from python_executor_server.upload.tartree import ArchiveTree, Kind, too_many_entries
 
 _MAGIC = (
@@ -57,6 +63,7 @@ _MAX_NAME_BYTES = 255
 _MAX_PATH_BYTES = 4095
 _MAX_DEPTH = 128  # tarfile creates parents with os.makedirs, which recurses per level
 _MAX_MTIME = 2**33
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -102,27 +109,47 @@ def extract_tar(
     uid: int | None = None,
     gid: int | None = None,
 ) -> ExtractedProject:
-    """Validate every member of ``tar_path``, then extract it into ``dest``.
+    """Check every member of the archive at ``tar_path``, then extract it into ``dest``.
 
     Blocking. Files get at most mode 0o755 (no setuid/setgid); with ``uid`` or
     ``gid`` everything under ``dest``, ``dest`` included, is chowned to them.
     """
-    _reject_compressed(tar_path)
-    if tar_path.stat().st_size == 0:  # like GNU tar: an empty file is an empty archive
-        _populate(dest, uid, gid)
-        return ExtractedProject(root=dest, files=())
-    with _reading(), _open(tar_path) as archive:
-        members, tree = _validate(archive, max_entries)
-        _check_trailer(tar_path, archive.offset)
-        _populate(dest, uid, gid, archive, members)
-    return ExtractedProject(root=dest, files=tuple(tree.files))
-
-
-def _reject_compressed(tar_path: Path) -> None:
     with tar_path.open("rb") as f:
-        kind = sniff_compression(f.read(SNIFF_BYTES))
+        return extract_chunks(
+            lambda: f.read(_CHUNK), dest, max_entries=max_entries, uid=uid, gid=gid
+        )
+
+
+def extract_chunks(
+    next_chunk: Callable[[], Chunk | None],
+    dest: Path,
+    *,
+    max_entries: int,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> ExtractedProject:
+    """:func:`extract_tar` for an archive read piece by piece from ``next_chunk()``.
+
+    Blocking; reads the stream to its end (only zeros may follow the archive).
+    """
+    source = ChunkReader(next_chunk)
+    kind = sniff_compression(source.peek(SNIFF_BYTES))
     if kind is not None:
         raise errors.UnsupportedArchive(f"only uncompressed tar archives are accepted (got {kind})")
+    if not source.peek(1):  # like GNU tar: an empty file is an empty archive
+        _populate(dest, uid, gid)
+        return ExtractedProject(root=dest, files=())
+    incoming = dest.with_name(f".{dest.name}.incoming")
+    with _writing():
+        incoming.mkdir()
+    try:
+        with _reading(), _open(source) as archive:
+            members, tree = _receive(archive, source, incoming, max_entries)
+            _check_trailer(source, archive.offset)
+        _populate(dest, uid, gid, members)
+    finally:
+        shutil.rmtree(incoming, ignore_errors=True)
+    return ExtractedProject(root=dest, files=tuple(tree.files))
 
 
 @contextmanager
@@ -158,27 +185,34 @@ def _check_extended_header(info: tarfile.TarInfo, archive: tarfile.TarFile) -> N
         )
     if info.type in _PAX_TYPES:
         source = archive.fileobj
-        assert source is not None
-        start = source.tell()
-        records = source.read(info.size)
-        source.seek(start)
-        if b" GNU.sparse." in records:  # tarfile would read a sparse map of any length
+        assert isinstance(source, ChunkReader)
+        # tarfile would read a sparse map of any length: look at the records before it does
+        if b" GNU.sparse." in source.peek(info.size):
             raise errors.BadRequest("sparse files are not allowed in the archive")
 
 
-def _open(tar_path: Path) -> tarfile.TarFile:
-    # "r:" never decompresses: a compressed body is an error, not a bomb.
-    return tarfile.open(tar_path, "r:", tarinfo=_CappedTarInfo)
+def _open(source: ChunkReader) -> tarfile.TarFile:
+    # a plain TarFile (what mode "r:" opens) never decompresses: a compressed body is an
+    # error, not a bomb
+    return tarfile.TarFile(fileobj=source, mode="r", tarinfo=_CappedTarInfo)  # type: ignore[arg-type]
 
 
-# --- validation ---------------------------------------------------------------
+# --- reading and checking ------------------------------------------------------
 
 
-def _validate(
-    archive: tarfile.TarFile, max_entries: int
-) -> tuple[list[tarfile.TarInfo], ArchiveTree]:
+@dataclass(frozen=True)
+class _Entry:
+    member: tarfile.TarInfo
+    parts: list[str]  # the normalised path
+    data: Path | None  # a regular file's data, waiting in the incoming dir
+
+
+def _receive(
+    archive: tarfile.TarFile, source: ChunkReader, incoming: Path, max_entries: int
+) -> tuple[list[_Entry], ArchiveTree]:
+    """Check each member as it arrives; a regular file's data goes to ``incoming``."""
     tree = ArchiveTree(max_nodes=max_entries)
-    members: list[tarfile.TarInfo] = []
+    entries: list[_Entry] = []
     for count, member in enumerate(archive, start=1):
         if count > max_entries:
             raise too_many_entries(max_entries)
@@ -191,9 +225,25 @@ def _validate(
         if kind == "symlink":
             _check_link_target(member)
         tree.add(member.name, parts, kind, member.linkname)
-        members.append(member)
+        data = _receive_data(source, member, incoming / str(count)) if kind == "file" else None
+        entries.append(_Entry(member, parts, data))
     tree.check_links()
-    return members, tree
+    return entries, tree
+
+
+def _receive_data(source: ChunkReader, member: tarfile.TarInfo, path: Path) -> Path:
+    source.seek(member.offset_data)  # where tarfile left it, unless a header said otherwise
+    with _writing():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            copied = source.copy_to(fd, member.size)
+        finally:
+            os.close(fd)
+    if copied < member.size:
+        raise errors.BadRequest(
+            f"the tar archive could not be read: it ends inside {member.name!r}"
+        )
+    return path
 
 
 def _normalise(name: str) -> list[str]:
@@ -242,16 +292,15 @@ def _check_link_target(member: tarfile.TarInfo) -> None:
         )
 
 
-def _check_trailer(tar_path: Path, end: int) -> None:
+def _check_trailer(source: ChunkReader, end: int) -> None:
     """tarfile stops silently at a corrupt header past the first: only zeros may follow."""
-    with tar_path.open("rb") as f:
-        f.seek(end)
-        while chunk := f.read(1 << 20):
-            if chunk.count(0) != len(chunk):
-                raise errors.BadRequest(
-                    f"the tar archive could not be read: unexpected data at offset {end} "
-                    "(a corrupt header, or a second archive)"
-                )
+    source.seek(end)
+    while chunk := source.read(_CHUNK):
+        if chunk.count(0) != len(chunk):
+            raise errors.BadRequest(
+                f"the tar archive could not be read: unexpected data at offset {end} "
+                "(a corrupt header, or a second archive)"
+            )
 
 
 # --- extraction ---------------------------------------------------------------
@@ -267,18 +316,29 @@ def _writing() -> Iterator[None]:
         raise errors.ExecutorError(f"the archive could not be extracted: {exc}") from exc
 
 
-def _populate(
-    dest: Path,
-    uid: int | None,
-    gid: int | None,
-    archive: tarfile.TarFile | None = None,
-    members: Sequence[tarfile.TarInfo] = (),
-) -> None:
+def _populate(dest: Path, uid: int | None, gid: int | None, entries: Sequence[_Entry] = ()) -> None:
+    """Create ``dest`` and place every entry: files are renamed in, not copied."""
     with _writing():
         dest.mkdir(parents=True, exist_ok=True)
-        if archive is not None:
-            archive.extractall(dest, members=members, filter=_sanitise)
+        dirs: list[tuple[Path, int]] = []
+        for entry in entries:
+            safe = _sanitise(entry.member, str(dest))
+            path = dest.joinpath(*entry.parts)
+            if safe.isdir():
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
+                dirs.append((path, int(safe.mtime)))
+                continue
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if safe.issym():
+                os.symlink(safe.linkname, path)
+            else:
+                assert entry.data is not None and safe.mode is not None
+                os.replace(entry.data, path)
+                os.chmod(path, safe.mode)
+                os.utime(path, (safe.mtime, safe.mtime))
         _settle(dest, uid, gid)
+        for path, mtime in reversed(dirs):  # last: placing entries in a dir changes its mtime
+            os.utime(path, (mtime, mtime))
 
 
 def _sanitise(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:

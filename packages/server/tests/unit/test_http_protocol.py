@@ -1,0 +1,88 @@
+"""HttpProtocol: a big body is read 1 MiB at a time, requests after it at asyncio's default.
+
+A real uvicorn server on 127.0.0.1 (in this process, on its own thread) runs an
+ASGI app that records the size of every body message it gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from python_executor_server.api.http_protocol import BIG_READ, DEFAULT_READ, HttpProtocol
+from starlette.types import Receive, Scope, Send
+
+MiB = 1 << 20
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sizes: list[list[int]] = []  # per request: the size of each body message
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        sizes: list[int] = []
+        more = True
+        while more:
+            await asyncio.sleep(0.002)  # a slow reader: the socket's buffer fills meanwhile
+            message = await receive()
+            sizes.append(len(message.get("body", b"")))
+            more = message.get("more_body", False)
+        self.sizes.append(sizes)
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
+        )
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[Recorder, int]]:
+    app = Recorder()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(app, http=HttpProtocol, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield app, sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _post(conn: socket.socket, body: bytes) -> None:
+    head = f"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    conn.sendall(head + body)
+    reply = b""
+    while not reply.endswith(b"ok"):
+        chunk = conn.recv(65536)
+        assert chunk, "the server closed the connection"
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+def test_big_bodies_are_read_in_bigger_pieces_and_small_requests_as_before(
+    served: tuple[Recorder, int],
+) -> None:
+    app, port = served
+    with socket.create_connection(("127.0.0.1", port)) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 * MiB)
+        _post(conn, b"x" * (64 * MiB))
+        for _ in range(3):
+            _post(conn, b"small")
+    big, *small = app.sizes
+    assert sum(big) == 64 * MiB
+    assert max(big) > DEFAULT_READ  # asyncio's default alone never gives more than this
+    assert max(big) <= BIG_READ + 64 * 1024  # a read, plus what uvicorn held back
+    assert [sum(s) for s in small] == [5, 5, 5]
