@@ -153,3 +153,55 @@ class RssWatch:
     @property
     def growth_mib(self) -> float:
         return self.peak_mib - self.start_mib
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time the whole machine spent not idle (user, nice, system, irq, softirq)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_seconds(pid: int) -> float | None:
+    """User + system CPU of ``pid``, all its threads (not its children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuWatch:
+    """CPU used over a ``with`` block: the machine's, the server process's, this process's.
+
+    The machine's minus the other two is what the sandboxes, their zygotes and the
+    kernel's threads used (plus anything else running on the machine meanwhile).
+    """
+
+    def __init__(self, server_pid: int | None) -> None:
+        self.server_pid = server_pid
+        self.machine_s = self.server_s = self.client_s = 0.0
+        self._start: tuple[float, float | None, float] = (0.0, None, 0.0)
+
+    def _now(self) -> tuple[float, float | None, float]:
+        server = _process_seconds(self.server_pid) if self.server_pid else None
+        times = os.times()
+        return _machine_busy_seconds(), server, times.user + times.system
+
+    def __enter__(self) -> CpuWatch:
+        self._start = self._now()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        machine, server, client = self._now()
+        self.machine_s = machine - self._start[0]
+        start_server = self._start[1]
+        if server is not None and start_server is not None:
+            self.server_s = server - start_server
+        self.client_s = client - self._start[2]
+
+    @property
+    def others_s(self) -> float:
+        return max(0.0, self.machine_s - self.server_s - self.client_s)

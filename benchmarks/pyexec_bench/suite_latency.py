@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from .calls import (
     wait_finished,
 )
 from .payloads import TEN_FILE_OUTPUT, multipart_files, tar_bytes, ten_file_project
+from .procmem import CpuWatch
 from .report import Row
 from .stats import bounded, percentile, summarize
 
@@ -69,7 +71,7 @@ def _eval_calls(ctx: Context, body: dict[str, Any], count: int) -> tuple[list[Ca
 
 
 def eval_rows(ctx: Context) -> list[Row]:
-    with pool_watch(ctx.client) as pool:
+    with pool_watch(ctx.client) as pool, CpuWatch(ctx.server.pid) as cpu_use:
         calls, failures = _eval_calls(ctx, HELLO, ctx.plan.eval_requests)
     spans = [run_span_ms(c.body) or 0.0 for c in calls]
     overheads = [c.ms - span for c, span in zip(calls, spans, strict=True)]
@@ -97,7 +99,22 @@ def eval_rows(ctx: Context) -> list[Row]:
         baseline="health",
         note="eval round trip minus its run span: HTTP, validation, queue, store writes",
     )
-    return [eval_row, overhead]
+    return [eval_row, overhead, _cpu_row(ctx, cpu_use, len(calls) + failures.count + WARMUP)]
+
+
+def _cpu_row(ctx: Context, use: CpuWatch, runs: int) -> Row:
+    """CPU per sequential eval, machine-wide: what bounds the runs/s of the whole machine."""
+    per_run = 1000 * use.machine_s / runs
+    cores = os.cpu_count() or 1
+    note = (
+        f"whole machine over the eval row, per run: server process {1000 * use.server_s / runs:.1f}"
+        f" ms, sandboxes + zygotes + kernel threads {1000 * use.others_s / runs:.1f} ms, this"
+        f" client {1000 * use.client_s / runs:.1f} ms; {cores} cores at this cost: at most"
+        f" {cores * 1000 / per_run:.0f} runs/s"
+    )
+    if ctx.server.pid is None:
+        note += " (the server's pid is unknown: its share is counted with the sandboxes')"
+    return Row("eval_cpu", "CPU per eval", value=per_run, unit="ms", note=note)
 
 
 def exec_sync_rows(ctx: Context) -> list[Row]:
