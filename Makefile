@@ -17,7 +17,11 @@ system-deps:
 
 $(VENV)/.installed: uv.lock pyproject.toml packages/server/pyproject.toml packages/client/pyproject.toml
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --disable-pip-version-check uv==0.13.9
-	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	$(UV) sync --frozen --all-extras --compile-bytecode --python $(PYTHON)
+	@# Our own packages are installed editable (their sources stay here): compile them too.
+	@# Without .pyc files (and with PYTHONDONTWRITEBYTECODE set, as on some machines) every
+	@# start of the server or the CLI compiles ~500 modules again: 2 s instead of 0.3 s.
+	$(VENV)/bin/python -m compileall -q packages/server/src packages/client/src
 	@touch $@
 
 run: install
