@@ -41,12 +41,10 @@ class Recorder:
         await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.fixture()
-def served() -> Iterator[tuple[Recorder, int]]:
-    app = Recorder()
+def _serve(app: object) -> tuple[uvicorn.Server, threading.Thread, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, http=HttpProtocol, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, http=HttpProtocol, log_level="warning", lifespan="off")  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -54,8 +52,15 @@ def served() -> Iterator[tuple[Recorder, int]]:
     while not server.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.01)
+    return server, thread, sock.getsockname()[1]
+
+
+@pytest.fixture()
+def served() -> Iterator[tuple[Recorder, int]]:
+    app = Recorder()
+    server, thread, port = _serve(app)
     try:
-        yield app, sock.getsockname()[1]
+        yield app, port
     finally:
         server.should_exit = True
         thread.join(10)
@@ -86,3 +91,36 @@ def test_big_bodies_are_read_in_bigger_pieces_and_small_requests_as_before(
     assert max(big) > DEFAULT_READ  # asyncio's default alone never gives more than this
     assert max(big) <= BIG_READ + 64 * 1024  # a read, plus what uvicorn held back
     assert [sum(s) for s in small] == [5, 5, 5]
+
+
+class EarlyAnswer:
+    """Answers 413 with ``Connection: close`` before reading the body (as /exec does on a
+    body over the limit)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        headers = [(b"content-length", b"9"), (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": b"too large"})
+
+
+def test_an_early_answer_survives_a_client_that_reads_only_after_sending() -> None:
+    """Without the lingering close the kernel resets the connection over the unread body,
+    and the reset can destroy the 413 before the client reads it."""
+    server, thread, port = _serve(EarlyAnswer())
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 67108864\r\n\r\n")
+                for _ in range(16):  # 16 MiB of the body, whatever the server said meanwhile
+                    conn.sendall(b"\0" * MiB)
+                reply = b""
+                while chunk := conn.recv(65536):
+                    reply += chunk
+            assert reply.startswith(b"HTTP/1.1 413 "), reply[:80]
+            assert reply.endswith(b"too large")
+    finally:
+        server.should_exit = True
+        thread.join(15)
+    assert not thread.is_alive(), "the server did not stop (a lingering connection held it)"
