@@ -52,6 +52,9 @@ class HttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
 
+_OWN = ("_transport", "_protocol", "_lingering")
+
+
 class _LingeringClose:
     """The connection's transport as uvicorn sees it: ``close`` lingers (module doc)."""
 
@@ -64,9 +67,9 @@ class _LingeringClose:
         return getattr(self._transport, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_") and name in ("_transport", "_protocol", "_lingering"):
+        if name in _OWN:
             object.__setattr__(self, name, value)
-        else:
+        else:  # max_size, above all
             setattr(self._transport, name, value)
 
     def is_closing(self) -> bool:
