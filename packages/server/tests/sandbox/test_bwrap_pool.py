@@ -294,6 +294,20 @@ async def test_a_dead_pooled_sandbox_is_skipped(sandbox: Harness) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_dead_idle_sandbox_is_replaced(sandbox: Harness) -> None:
+    spec = driver_spec(sandbox, marker="x")
+    assert await sandbox.backend.wait_warm(spec, count=2)
+    pool = sandbox.backend._pool
+    assert pool is not None
+    victim = next(e for s in pool._keys.values() for e in s.idle)
+    assert victim.box.init is not None
+    os.kill(victim.box.init.pid, signal.SIGKILL)
+    await eventually(lambda: not victim.box.alive())
+    assert await sandbox.backend.wait_warm(spec, count=2)  # a refill replaced it
+    assert all(victim is not e for s in pool._keys.values() for e in s.idle)
+
+
+@pytest.mark.timeout(60)
 async def test_an_empty_pool_never_makes_a_run_wait(
     sandbox_settings: Settings, interpreter: Interpreter
 ) -> None:

@@ -45,6 +45,9 @@ log = structlog.get_logger("python_executor.sandbox.pool")
 
 BACKOFF_FIRST = 1.0  # seconds without refills of a key after a failed start, doubling
 BACKOFF_MAX = 60.0
+# A refill looks through a key's idle sandboxes for dead ones at most this often (a take
+# drops the dead it meets on its way to a ready one): not a poll per sandbox per run.
+PRUNE_EVERY = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ class _Key:
     filling: int = 0
     failures: int = 0
     quiet_until: float = 0.0  # monotonic: no refill before (after failures)
+    pruned_at: float = 0.0  # monotonic: the last look through ``idle`` for the dead
 
 
 class SandboxPool:
@@ -135,8 +139,10 @@ class SandboxPool:
         return entry
 
     def warm(self, key: PoolKey, spec: RunSpec) -> None:
-        """Keep ``key`` warm from now on (as a first ``take`` would), without taking."""
-        self._learn(key, spec)
+        """Keep ``key`` warm from now on (as a first ``take`` would), without taking; the
+        dead among its idle sandboxes are replaced now, whenever they were last looked for."""
+        state = self._learn(key, spec)
+        state.pruned_at = 0.0
         self.refill(key)
 
     def _learn(self, key: PoolKey, spec: RunSpec) -> _Key:
@@ -150,9 +156,20 @@ class SandboxPool:
         return state
 
     def _pick(self, state: _Key) -> Entry | None:
-        self._prune(state)
-        ready = next((e for e in state.idle if e.box.ready()), None)
-        entry = ready or (state.idle[0] if state.idle else None)
+        """The first ready idle sandbox, else the first one alive (still starting); the
+        dead met on the way are dropped. Usually the first one: one liveness check."""
+        dead: list[Entry] = []
+        entry = starting = None
+        for candidate in state.idle:
+            if candidate.box.ready():
+                entry = candidate
+                break
+            if not candidate.box.alive():
+                dead.append(candidate)
+            elif starting is None:
+                starting = candidate
+        self._drop(state, dead)
+        entry = entry or starting
         if entry is not None:
             state.idle.remove(entry)
         return entry
@@ -164,8 +181,11 @@ class SandboxPool:
         state = self._keys.get(key)
         if state is None or self._closed:
             return
-        self._prune(state)  # the dead are replaced, not counted
-        if time.monotonic() < state.quiet_until:
+        now = time.monotonic()
+        if now - state.pruned_at >= PRUNE_EVERY:  # the dead are replaced, not counted
+            self._prune(state)
+            state.pruned_at = now
+        if now < state.quiet_until:
             return
         while len(state.idle) + state.filling < self._factory.pool_size(key):
             state.filling += 1
@@ -206,7 +226,9 @@ class SandboxPool:
         self._retries.add(handle)
 
     def _prune(self, state: _Key) -> None:
-        dead = [e for e in state.idle if not e.box.alive()]
+        self._drop(state, [e for e in state.idle if not e.box.alive()])
+
+    def _drop(self, state: _Key, dead: list[Entry]) -> None:
         for gone in dead:
             state.idle.remove(gone)
         self._discard(dead)
