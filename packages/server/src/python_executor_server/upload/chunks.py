@@ -42,8 +42,7 @@ class ChunkReader:
         if offset < self._start:
             raise OSError(f"cannot seek back to {offset}: only from {self._start} on is kept")
         self._pos = offset
-        while self._start + len(self._buf) < offset and (chunk := self._pull()) is not None:
-            self._append(chunk, keep_from=offset)  # skipped over, not kept
+        self._fill(offset)  # what is skipped over is not kept
         return self._pos
 
     def peek(self, size: int) -> bytes:
@@ -84,16 +83,12 @@ class ChunkReader:
 
     def _fill(self, end: int) -> None:
         while self._start + len(self._buf) < end and (chunk := self._pull()) is not None:
-            self._append(chunk, keep_from=self._pos)
+            self._buf += chunk
+            self._trim()
 
-    def _append(self, chunk: Chunk, keep_from: int) -> None:
-        self._buf += chunk
-        self._trim(keep_from)
-
-    def _trim(self, keep_from: int | None = None) -> None:
-        """Drop what lies more than LOOKBEHIND before ``keep_from`` (the read position)."""
-        keep = self._pos if keep_from is None else keep_from
-        drop = min(keep - LOOKBEHIND - self._start, len(self._buf))
+    def _trim(self) -> None:
+        """Drop what lies more than LOOKBEHIND before the read position."""
+        drop = min(self._pos - LOOKBEHIND - self._start, len(self._buf))
         if drop >= LOOKBEHIND:  # in steps, not per read: del from the front is cheap, not free
             del self._buf[:drop]
             self._start += drop
