@@ -28,9 +28,10 @@ from bwrap_harness import (
     started_harness,
 )
 from python_executor_server.execution import driver
-from python_executor_server.sandbox.base import CollectedOutput, Interpreter
+from python_executor_server.sandbox.base import CollectedOutput, Interpreter, RunSpec
 from python_executor_server.sandbox.cgroups import v1_mounts
 from python_executor_server.sandbox.mounts import mount_points_under
+from python_executor_server.sandbox.pool import Entry
 from python_executor_server.sandbox.workspace import POOL_PREFIX
 from python_executor_server.settings import Settings
 from test_bwrap_kill import DAEMON, SETSID_ESCAPEE
@@ -267,19 +268,24 @@ async def test_disk_cap_and_fork_bomb(sandbox: Harness, pooled: bool) -> None:
     assert ran.stdout.split() == ["ENOSPC", "True"], ran.stderr
 
 
-@pytest.mark.timeout(60)
-async def test_a_dead_pooled_sandbox_is_skipped(sandbox: Harness) -> None:
-    spec = driver_spec(sandbox, marker="x")
+async def _kill_idle(sandbox: Harness, spec: RunSpec, count: int | None = None) -> list[Entry]:
+    """Warm ``spec``'s key (2 ready), then kill the init of ``count`` of its idle
+    sandboxes (all: None), as the OOM killer or an operator would; those, once dead."""
     assert await sandbox.backend.wait_warm(spec, count=2)
     pool = sandbox.backend._pool
     assert pool is not None
-    for state in pool._keys.values():
-        for entry in state.idle:
-            assert entry.box.init is not None
-            os.kill(entry.box.init.pid, signal.SIGKILL)  # the OOM killer, an operator
-    killed = [e for s in pool._keys.values() for e in s.idle]
-    dead = {e.workdir for e in killed}
+    killed = [e for s in pool._keys.values() for e in s.idle][:count]
+    for entry in killed:
+        assert entry.box.init is not None
+        os.kill(entry.box.init.pid, signal.SIGKILL)
     await eventually(lambda: all(not e.box.alive() for e in killed))
+    return killed
+
+
+@pytest.mark.timeout(60)
+async def test_a_dead_pooled_sandbox_is_skipped(sandbox: Harness) -> None:
+    spec = driver_spec(sandbox, marker="x")
+    dead = {e.workdir for e in await _kill_idle(sandbox, spec)}
     work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
     sandbox.workspaces.append(work)
     assert work not in dead
@@ -296,14 +302,10 @@ async def test_a_dead_pooled_sandbox_is_skipped(sandbox: Harness) -> None:
 @pytest.mark.timeout(60)
 async def test_a_dead_idle_sandbox_is_replaced(sandbox: Harness) -> None:
     spec = driver_spec(sandbox, marker="x")
-    assert await sandbox.backend.wait_warm(spec, count=2)
+    [victim] = await _kill_idle(sandbox, spec, count=1)
+    assert await sandbox.backend.wait_warm(spec, count=2)  # a refill replaced it
     pool = sandbox.backend._pool
     assert pool is not None
-    victim = next(e for s in pool._keys.values() for e in s.idle)
-    assert victim.box.init is not None
-    os.kill(victim.box.init.pid, signal.SIGKILL)
-    await eventually(lambda: not victim.box.alive())
-    assert await sandbox.backend.wait_warm(spec, count=2)  # a refill replaced it
     assert all(victim is not e for s in pool._keys.values() for e in s.idle)
 
 
