@@ -9,6 +9,9 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v nft >/dev/null || [ -x /usr/sbin/nft ] || need+=(nftables)
 # pyseccomp loads libseccomp.so.2 at runtime
 ldconfig -p 2>/dev/null | grep -q 'libseccomp\.so\.2' || need+=(libseccomp2)
+# the zygote's native part (sandbox/zygote_native.c) is built on the host at first use
+command -v cc >/dev/null || need+=(gcc)
+[ -f /usr/include/linux/seccomp.h ] && [ -f /usr/include/stdio.h ] || need+=(libc6-dev)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
   echo "missing system packages: ${need[*]} (install them as root: apt-get install ${need[*]})" >&2

@@ -14,14 +14,25 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import pytest
-from bwrap_harness import Harness, driver_spec, eventually, pooled_workspace, run_driver
-from python_executor_server.sandbox.base import CollectedOutput
+from bwrap_harness import (
+    Harness,
+    driver_spec,
+    eventually,
+    pooled_workspace,
+    run_driver,
+    started_harness,
+)
+from python_executor_server.sandbox import native
+from python_executor_server.sandbox.base import CollectedOutput, Interpreter
 from python_executor_server.sandbox.workspace import DETACHED_PREFIX
+from python_executor_server.settings import Settings
 from test_seccomp import PROBE_PROGRAM, PROBES
 
 pytestmark = pytest.mark.sandbox
@@ -99,17 +110,48 @@ async def test_every_hostile_syscall_is_refused_in_a_forked_run(sandbox: Harness
 
 @pytest.mark.timeout(60)
 async def test_the_init_and_the_zygote_are_out_of_reach(sandbox: Harness) -> None:
+    """The run's init (pid 1) shares the zygote's memory: nothing of the run may read or
+    write it, stop it or kill it. Every way in is tried: its /proc files, ptrace,
+    process_vm_readv/writev, every signal."""
     code = """
-        import json, os
-        def attempt(path):
+        import ctypes, json, os, signal, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        def attempt(path, mode='rb'):
             try:
-                with open(path, 'rb') as f:
-                    return 'read %d bytes' % len(f.read(64))
+                with open(path, mode) as f:
+                    return 'read %d bytes' % len(f.read(64)) if 'r' in mode else f.write(b'x')
             except OSError as exc:
                 return type(exc).__name__
+        def call(*args):
+            libc.syscall.restype = ctypes.c_long
+            result = libc.syscall(*[ctypes.c_long(a) for a in args])
+            return result if result >= 0 else os.strerror(ctypes.get_errno())
+        buf = ctypes.create_string_buffer(64)
+        iov = (ctypes.c_void_p * 2)(ctypes.addressof(buf), 64)
+        maps_line = attempt('/proc/1/maps')
+        signals = {}
+        for sig in range(1, 65):
+            if sig in (signal.SIGKILL, signal.SIGSTOP) or 32 <= sig < 35:
+                continue
+            try:
+                os.kill(1, sig)
+                signals[sig] = 'sent'
+            except OSError as exc:
+                signals[sig] = type(exc).__name__
+        for sig in (signal.SIGKILL, signal.SIGSTOP):
+            os.kill(1, sig)  # (from inside its namespace: dropped by the kernel for an init)
+        time.sleep(0.2)
+        state = open('/proc/1/stat').read().split(')')[1].split()[0]
         print(json.dumps({
             'init_mem': attempt('/proc/1/mem'),
+            'init_mem_write': attempt('/proc/1/mem', 'r+b'),
             'init_environ': attempt('/proc/1/environ'),
+            'init_maps': maps_line,
+            'ptrace_attach': call(101, 16, 1, 0, 0),  # PTRACE_ATTACH
+            'ptrace_seize': call(101, 0x4206, 1, 0, 0),  # PTRACE_SEIZE
+            'vm_readv': call(310, 1, ctypes.addressof(iov), 1, ctypes.addressof(iov), 1, 0),
+            'vm_writev': call(311, 1, ctypes.addressof(iov), 1, ctypes.addressof(iov), 1, 0),
+            'init_state': state,
             'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()),
         }))
     """
@@ -118,10 +160,17 @@ async def test_the_init_and_the_zygote_are_out_of_reach(sandbox: Harness) -> Non
     ran = await run_driver(sandbox, code, pooled=True)
     assert ran.outcome.exit_code == 0, ran.stderr
     view = json.loads(ran.stdout)
-    assert view["init_mem"] == "PermissionError"  # the init is a copy of the zygote
+    assert view["init_mem"] == "PermissionError"  # the init shares the zygote's memory
+    assert view["init_mem_write"] == "PermissionError"
     assert view["init_environ"] == "PermissionError"
+    assert view["init_maps"] == "PermissionError"
+    for call in ("ptrace_attach", "ptrace_seize", "vm_readv", "vm_writev"):
+        assert isinstance(view[call], str), (call, view[call])  # refused (how: the filter)
+    assert view["init_state"] == "S"  # neither stopped nor gone: it waits for the program
     assert view["pids"] == [1, 2]  # its own init and itself: no zygote, no other run
     assert the_zygote(sandbox) == zygote  # still the same one
+    again = await run_driver(sandbox, "print('next')", pooled=True)  # and it still works
+    assert (again.outcome.exit_code, again.stdout) == (0, "next\n")
 
 
 @pytest.mark.timeout(90)
@@ -294,3 +343,54 @@ def ran_fds(harness: Harness) -> list[int]:
     pool = harness.backend._pool
     assert pool is not None
     return [fd for state in pool._keys.values() for e in state.idle for fd in e.box.fds._open]
+
+
+@pytest.mark.timeout(90)
+async def test_without_a_c_compiler_bwrap_starts_the_pooled_sandboxes(
+    sandbox_settings: Settings,
+    interpreter: Interpreter,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """No compiler on the host: no native part, so no zygote; pooled runs still run (in
+    sandboxes bwrap started), and the backend says the zygote is off for the key."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    for tool in ("bwrap", "setpriv", "prlimit", "slirp4netns", "ip", "nft", "nsenter"):
+        found = shutil.which(tool)
+        if found:
+            (empty / tool).symlink_to(found)
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    native.native_library.cache_clear()
+    try:
+        async with started_harness(sandbox_settings, interpreter) as harness:
+            ran = await run_driver(harness, "import os; print(os.getpid())", pooled=True)
+            assert (ran.outcome.exit_code, ran.stdout) == (0, "2\n"), ran.stderr
+            described = harness.backend.describe()["zygote"]
+            assert described["made"] == 0 and described["broken"] == 1
+    finally:
+        native.native_library.cache_clear()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_native_part_is_built_once_and_cached(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.native_library.cache_clear()
+    try:
+        library = native.native_library()
+        assert library is not None and library[:4] == b"\x7fELF"
+        (cached,) = (tmp_path / "python-executor").iterdir()
+        assert cached.read_bytes() == library
+        assert (tmp_path / "python-executor").stat().st_mode & 0o777 == 0o700
+        native.native_library.cache_clear()
+        cached.write_bytes(library + b"cached")  # the second process reads it, no build
+        assert native.native_library() == library + b"cached"
+        native.native_library.cache_clear()
+        monkeypatch.setenv("CC", "false")  # a compiler that fails: none, and said why
+        assert native.native_library() is None
+    finally:
+        native.native_library.cache_clear()

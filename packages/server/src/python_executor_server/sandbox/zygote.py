@@ -9,12 +9,15 @@ read-only filesystem and the interpreter's pages (copy-on-write, never written b
 run before it forked):
 
 - its own user, mount, pid, network, ipc, uts and cgroup namespaces (nested in the
-  zygote's), pid 1 an init that ends the namespace with the program;
+  zygote's), pid 1 an init that ends the namespace with the program (a clone that
+  shares the zygote's memory and runs C only: ``zygote_native.c``, built by
+  ``native.py`` and sent to the zygote as a memfd);
 - its own workspace: a size- and inode-capped tmpfs made here (``create_detached``),
   passed as a mount fd and attached at /work and /tmp in its mount namespace; the
   runner writes the project through ``/proc/self/fd/<fd>/work`` meanwhile;
-- its own cgroup (the host moves it in, from its credentials on the job socket) and
-  rlimits (it lowers its own), before anything of the run is started;
+- its own cgroup (the host moves the init and the program in, from their credentials
+  on the job socket) and rlimits (the init lowers its own), before anything of the run
+  is started;
 - a fresh /proc of its pid namespace; no capability in any set, no_new_privs and the
   same seccomp filter as every other sandbox, installed before its program starts.
 
@@ -51,8 +54,9 @@ import structlog
 from . import seccomp
 from .base import Interpreter, RunSpec
 from .box import Box, Pipes
-from .cgroups import Cgroups
+from .cgroups import Cgroups, Slot
 from .launch import SETUP_TIMEOUT, Launcher, job_fd_number
+from .native import native_library
 from .pool import PoolKey
 from .process import PidHandle, StatusChild, pump, socket_of
 from .rlimits import rlimits_for
@@ -177,6 +181,10 @@ class Zygotes:
             return zygote
 
     async def _start(self, key: ZygoteKey, spec: RunSpec) -> Zygote | None:
+        library = await anyio.to_thread.run_sync(native_library)
+        if library is None:  # (logged)
+            self._broken.add(key)
+            return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         box = Box()
         control = box.fds.adopt(theirs.detach())
@@ -192,6 +200,11 @@ class Zygotes:
             await self._close(zygote)
             return None
         assert box.pipes is not None
+        if not _send_native(ours, library):
+            log.warning("a zygote ended before it got its native part", said=box.stderr_head())
+            self._broken.add(key)
+            await self._close(zygote)
+            return None
         zygote.listener = asyncio.get_running_loop().create_task(
             pump(box.pipes.err[0], lambda data: _keep_tail(zygote.said, data))
         )
@@ -235,17 +248,24 @@ class Zygotes:
         except OSError:
             return False  # the zygote is gone
         box.fds.close(*(v for k, v in named.items() if k != "workspace"))
-        pid = await _peer_pid(pipes.job[0])
-        if pid is None:
+        init = await _peer_pid(pipes.job[0])  # G, the run's init
+        if init is None:
             return False
-        box.init = PidHandle(pid)
+        box.init = PidHandle(init)
         box.child = StatusChild(box.init, pipes.info[0])
-        await anyio.to_thread.run_sync(self._launcher.confine, spec, box.slot, pid, False)
+        program = await _peer_pid(pipes.job[0])  # H, its child
+        if program is None:
+            return False
+        await anyio.to_thread.run_sync(self._confine, spec, box.slot, (init, program))
         os.write(pipes.job[0], b"p")
         box.released = True
         with anyio.move_on_after(SETUP_TIMEOUT):  # its byte, or the socket's end if it died
             await anyio.wait_readable(pipes.job[0])
         return box.ready()
+
+    def _confine(self, spec: RunSpec, slot: Slot | None, pids: Iterable[int]) -> None:
+        for pid in pids:
+            self._launcher.confine(spec, slot, pid, False)
 
     def describe(self) -> dict[str, Any]:
         return {"zygotes": len(self._zygotes), "made": self.made, "broken": len(self._broken)}
@@ -267,6 +287,21 @@ class Zygotes:
     async def close(self) -> None:
         for key in list(self._zygotes):
             await self._stop(key)
+
+
+def _send_native(control: socket.socket, library: bytes) -> bool:
+    """The zygote's first message: its native part, as a memfd (nothing to mount)."""
+    fd = os.memfd_create("python-executor-zygote", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, library)
+        control.sendmsg(
+            [b"native"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
+        )
+    except OSError:
+        return False  # it is gone
+    finally:
+        os.close(fd)
+    return True
 
 
 def _keep_tail(buffer: bytearray, data: bytes) -> None:
