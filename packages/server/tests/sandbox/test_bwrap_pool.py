@@ -212,7 +212,8 @@ async def test_cgroup_limits_are_adjusted_at_hand_off(sandbox: Harness) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(sandbox.backend.run, replace(spec, workdir=work), out)
         await eventually(lambda: "up" in out.text("stdout"))
-        values = {c: _cgroup_file(init.pid, c, f) for c, f in CONTROL_FILES.items()}
+        program = _first_child(init.pid)  # what the limits are for: the program
+        values = {c: _cgroup_file(program, c, f) for c, f in CONTROL_FILES.items()}
         tg.cancel_scope.cancel()
     assert values == {
         "memory": str(200 * MIB),
@@ -222,6 +223,10 @@ async def test_cgroup_limits_are_adjusted_at_hand_off(sandbox: Harness) -> None:
 
 
 CONTROL_FILES = {"memory": "memory.limit_in_bytes", "pids": "pids.max", "cpu": "cpu.shares"}
+
+
+def _first_child(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
 
 
 def _cgroup_file(pid: int, controller: str, name: str) -> str:

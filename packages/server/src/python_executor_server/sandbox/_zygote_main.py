@@ -10,16 +10,17 @@
 #
 #   G  (pid 1 of new user, mount, pid, network, ipc and uts namespaces, as bwrap's init;
 #      C only)  set the run's rlimits, report to the host over the job socket
-#      (SCM_CREDENTIALS: the host learns its pid), fork H; drop its capabilities, reap
+#      (SCM_CREDENTIALS: the host learns its pid), fork H; join the run's cgroup
+#      (writing 0 to the cgroup.procs fds the host sent), drop its capabilities, reap
 #      until H ends, kill and reap every other process left, then write H's status
 #      (128+N after signal N) to the status fd and exit with it. The host sees the fd's
 #      end if G dies.
-#   H  (pid 2; C, then here)  write the namespace's uid and gid maps; report the same
-#      way and wait until the host has moved G and H into the run's cgroup; mount the
-#      workspace (a tmpfs the host made and passed as a mount fd) at /work and /tmp, a
-#      fresh /proc; hostname, loopback; a cgroup namespace, a session; drop every
-#      capability, no_new_privs, the seccomp filter.
-#      Then, in Python: the run's fds at their numbers and nothing else, /work as cwd,
+#   H  (pid 2; C, then here)  write the namespace's uid and gid maps; join the run's
+#      cgroup the same way (before anything else runs in it); mount the workspace (a
+#      tmpfs the host made and passed as a mount fd) at /work and /tmp, a fresh /proc;
+#      hostname, loopback; a cgroup namespace, a session; drop every capability,
+#      no_new_privs, the seccomp filter. Then, in Python: the run's fds at their numbers
+#      and nothing else, /work as cwd,
 #      the zygote's own modules out of sys.modules; back to ``main()`` with the job fd.
 #
 # Control messages (SOCK_SEQPACKET, one per run): ``key=value`` lines, a blank line, then
@@ -42,6 +43,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _ZYGOTE_RLIMITS = 16
+_ZYGOTE_CGROUPS = 8
 
 
 class _ZygoteRequest(ctypes.Structure):  # struct zy_request (zygote_native.c)
@@ -49,6 +51,8 @@ class _ZygoteRequest(ctypes.Structure):  # struct zy_request (zygote_native.c)
         ("job_fd", ctypes.c_int),
         ("status_fd", ctypes.c_int),
         ("workspace_fd", ctypes.c_int),
+        ("n_cgroup_fds", ctypes.c_int),
+        ("cgroup_fds", ctypes.c_int * _ZYGOTE_CGROUPS),
         ("n_rlimits", ctypes.c_int),
         ("rlimit_which", ctypes.c_int * _ZYGOTE_RLIMITS),
         ("rlimit_value", ctypes.c_ulonglong * _ZYGOTE_RLIMITS),
@@ -133,6 +137,10 @@ def _zygote_serve(control: int) -> list[str]:
         fd = {name[3:]: fds[int(i)] for name, i in request.items() if name.startswith("fd.")}
         req = _ZygoteRequest(job_fd=fd["job"], status_fd=fd["status"])
         req.workspace_fd = fd["workspace"]
+        cgroups = [number for name, number in fd.items() if name.startswith("cgroup")]
+        req.n_cgroup_fds = len(cgroups)
+        for i, number in enumerate(cgroups[:_ZYGOTE_CGROUPS]):
+            req.cgroup_fds[i] = number
         req.uid_map, req.gid_map = maps
         req.hostname = request["hostname"].encode()
         limits = [(int(k[7:]), int(v)) for k, v in request.items() if k.startswith("rlimit.")]

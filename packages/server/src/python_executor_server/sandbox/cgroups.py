@@ -55,6 +55,12 @@ class Slot(Protocol):
         """Set ``limits`` (only what changed); ``reset``: restart the usage counters."""
 
     def add(self, pid: int) -> None: ...
+    def procs_fds(self) -> list[int]:
+        """Its cgroup.procs files, open for writing (kept while the slot lives): a process
+        that gets them joins the slot by writing "0" (itself) to each; the kernel checks
+        the credentials they were opened with (ours)."""
+        ...
+
     def pids(self) -> list[int]: ...
     def signal_all(self, signum: int) -> None: ...
     def kill_all(self) -> bool: ...
@@ -78,6 +84,7 @@ class V1Slot:
         self._oom_base = 0
         self._set = fs.Written()
         self._paths: dict[tuple[str, str], str] = {}  # a few control files, each run
+        self._procs_fds: list[int] = []
 
     def _file(self, controller: str, name: str) -> str:
         path = self._paths.get((controller, name))
@@ -93,6 +100,7 @@ class V1Slot:
             d.mkdir(exist_ok=True)
 
     def remove(self) -> None:
+        _close_all(self._procs_fds)
         for d in self._unique_dirs():
             fs.rmdir(d)
 
@@ -140,6 +148,11 @@ class V1Slot:
     def add(self, pid: int) -> None:
         for d in self._unique_dirs():
             fs.write(d / "cgroup.procs", str(pid))
+
+    def procs_fds(self) -> list[int]:
+        if not self._procs_fds:
+            self._procs_fds = [_open_procs(d) for d in self._unique_dirs()]
+        return self._procs_fds
 
     def pids(self) -> list[int]:
         return fs.procs(self.dirs["pids"])
@@ -226,6 +239,7 @@ class V2Slot:
         self.dir = directory
         self._set = fs.Written()
         self._cpu_base = 0  # usage_usec cannot be reset: subtracted instead
+        self._procs_fds: list[int] = []
 
     def configure(self, limits: Limits, *, reset: bool = True) -> None:
         self._set(self.dir / "memory.max", str(limits.memory_mb * MIB))
@@ -242,6 +256,14 @@ class V2Slot:
 
     def add(self, pid: int) -> None:
         fs.write(self.dir / "cgroup.procs", str(pid))
+
+    def procs_fds(self) -> list[int]:
+        if not self._procs_fds:
+            self._procs_fds = [_open_procs(self.dir)]
+        return self._procs_fds
+
+    def close(self) -> None:
+        _close_all(self._procs_fds)
 
     def pids(self) -> list[int]:
         return fs.procs(self.dir)
@@ -294,6 +316,7 @@ class V2Cgroups:
     def release(self, slot: Slot) -> None:
         assert isinstance(slot, V2Slot)
         self._live.discard(slot)
+        slot.close()
         slot.kill_all()
         try:
             os.rmdir(slot.dir)
@@ -308,6 +331,15 @@ class V2Cgroups:
         for directory in (self._base, self._tree):
             with contextlib.suppress(OSError):  # the tree stays while another server uses it
                 fs.rmdir(directory)
+
+
+def _open_procs(directory: Path) -> int:
+    return os.open(directory / "cgroup.procs", os.O_WRONLY | os.O_CLOEXEC)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        os.close(fds.pop())
 
 
 def detect_cgroups(root_name: str, instance: str) -> V1Cgroups | V2Cgroups | None:

@@ -15,9 +15,9 @@ run before it forked):
 - its own workspace: a size- and inode-capped tmpfs made here (``create_detached``),
   passed as a mount fd and attached at /work and /tmp in its mount namespace; the
   runner writes the project through ``/proc/self/fd/<fd>/work`` meanwhile;
-- its own cgroup (the host moves the init and the program in, from their credentials
-  on the job socket) and rlimits (the init lowers its own), before anything of the run
-  is started;
+- its own cgroup (the init and the program join it themselves, through the slot's
+  cgroup.procs files opened here and passed with the request) and rlimits (the init
+  lowers its own), before anything of the run is started;
 - a fresh /proc of its pid namespace; no capability in any set, no_new_privs and the
   same seccomp filter as every other sandbox, installed before its program starts.
 
@@ -54,7 +54,7 @@ import structlog
 from . import seccomp
 from .base import Interpreter, RunSpec
 from .box import Box, Pipes
-from .cgroups import Cgroups, Slot
+from .cgroups import Cgroups
 from .launch import SETUP_TIMEOUT, Launcher, job_fd_number
 from .native import native_library
 from .pool import PoolKey
@@ -218,9 +218,6 @@ class Zygotes:
         assert pipes.job is not None
         with socket_of(pipes.job[0]) as ours:
             ours.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        if self._cgroups is not None:
-            box.slot = await self._cgroups.acquire()
-            box.slot.configure(spec.limits, reset=False)  # (reset at hand-off)
         named = {
             "stdin": pipes.stdin[0],
             "out": pipes.out[1],
@@ -229,11 +226,18 @@ class Zygotes:
             "job": pipes.job[1],
             "workspace": workspace,
         }
+        if self._cgroups is not None:
+            box.slot = await self._cgroups.acquire()
+            box.slot.configure(spec.limits, reset=False)  # (reset at hand-off)
         job_at = job_fd_number(spec.result_fd)
         targets = {0: "stdin", 1: "out", 2: "err", job_at: "job"}
         if pipes.result is not None and spec.result_fd is not None:
             named["result"] = pipes.result[1]
             targets[spec.result_fd] = "result"
+        sent = list(named.values())  # (ours to close once sent; the slot's stay open)
+        if box.slot is not None:
+            for i, procs in enumerate(box.slot.procs_fds()):  # G and H join it themselves
+                named[f"cgroup{i}"] = procs
         lines = [f"hostname={HOSTNAME}", f"job_fd={job_at}"]
         # Set by the fork on itself: lowering one's own needs no privilege.
         limits = rlimits_for(spec.limits, address_space=False)
@@ -247,25 +251,16 @@ class Zygotes:
             zygote.control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
         except OSError:
             return False  # the zygote is gone
-        box.fds.close(*(v for k, v in named.items() if k != "workspace"))
+        box.fds.close(*(fd for fd in sent if fd != workspace))
         init = await _peer_pid(pipes.job[0])  # G, the run's init
         if init is None:
             return False
         box.init = PidHandle(init)
         box.child = StatusChild(box.init, pipes.info[0])
-        program = await _peer_pid(pipes.job[0])  # H, its child
-        if program is None:
-            return False
-        await anyio.to_thread.run_sync(self._confine, spec, box.slot, (init, program))
-        os.write(pipes.job[0], b"p")
         box.released = True
         with anyio.move_on_after(SETUP_TIMEOUT):  # its byte, or the socket's end if it died
             await anyio.wait_readable(pipes.job[0])
         return box.ready()
-
-    def _confine(self, spec: RunSpec, slot: Slot | None, pids: Iterable[int]) -> None:
-        for pid in pids:
-            self._launcher.confine(spec, slot, pid, False)
 
     def describe(self) -> dict[str, Any]:
         return {"zygotes": len(self._zygotes), "made": self.made, "broken": len(self._broken)}

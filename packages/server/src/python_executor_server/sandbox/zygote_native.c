@@ -7,14 +7,15 @@
  * G shares the zygote's memory (no page tables copied, nothing copied on write, nothing to
  * tear down at its exit) and runs only the C below on a stack of its own. It sets the run's
  * rlimits, reports (its credentials tell the host its pid) and forks H while the zygote
- * waits inside zy_spawn: H is a copy of an interpreter stopped at a known point. H does
- * the run's setup (the namespace's uid and gid maps, the host's go-ahead once it moved G
- * and H into the run's cgroup, mounts, hostname, loopback, a cgroup namespace, a new
- * session, every capability dropped, no_new_privs, the seccomp filter), then jumps back
- * into zy_spawn's frame, which returns
+ * waits inside zy_spawn: H is a copy of an interpreter stopped at a known point. Each of G
+ * and H joins the run's cgroup itself (writing "0" to the cgroup.procs files the host
+ * opened and passed). H does the run's setup (the namespace's uid and gid maps, its
+ * cgroup, mounts, hostname, loopback, a cgroup namespace, a new session, every capability
+ * dropped, no_new_privs, the seccomp filter), then jumps back into zy_spawn's frame, which
+ * returns
  * 0 to Python: H goes on as if the zygote's call had returned there, as fork() returns 0.
- * G lets the zygote go on, closes every fd but the status pipe, drops its capabilities and
- * reaps until H ends; then it kills and reaps what is left and writes H's status.
+ * G lets the zygote go on, joins the cgroup, closes every fd but the status pipe, drops its
+ * capabilities and reaps until H ends; then it kills and reaps what is left and writes H's status.
  *
  * While G lives it shares the zygote's memory, so after the fork it makes raw system calls
  * only (no libc: errno and every lock of libc are the zygote's) and touches nothing but
@@ -47,6 +48,7 @@
 
 #define ZY_STACK (256 * 1024)
 #define ZY_MAX_RLIMITS 16
+#define ZY_MAX_CGROUPS 8
 
 #ifndef SYS_open_tree
 #define SYS_open_tree 428
@@ -60,9 +62,11 @@
 
 struct zy_request {
     /* set by the caller */
-    int job_fd;       /* the run's end of the job socket: each of G and H writes 'c' */
+    int job_fd;       /* the run's end of the job socket: G writes 'c' (its credentials) */
     int status_fd;    /* G writes H's exit status here */
     int workspace_fd; /* a detached tmpfs: its work at /work, its tmp at /tmp */
+    int n_cgroup_fds;
+    int cgroup_fds[ZY_MAX_CGROUPS]; /* the run's cgroup.procs files, opened by the host */
     int n_rlimits;
     int rlimit_which[ZY_MAX_RLIMITS];
     unsigned long long rlimit_value[ZY_MAX_RLIMITS];
@@ -234,11 +238,11 @@ static void h_setup(struct zy_request *req) {
     raw_fail("setgroups", raw_write_file("/proc/self/setgroups", "deny"));
     raw_fail("uid_map", raw_write_file("/proc/self/uid_map", req->uid_map));
     raw_fail("gid_map", raw_write_file("/proc/self/gid_map", req->gid_map));
-    char go = 0;
-    /* the host learns our pid from the credentials of this byte, moves us (and G) into
-       the run's cgroup, then says go */
-    if (write(req->job_fd, "c", 1) != 1 || read(req->job_fd, &go, 1) != 1 || go != 'p')
-        _exit(125); /* the host gave up on this sandbox */
+    /* into the run's cgroup before anything else (what it forks inherits it) */
+    for (int i = 0; i < req->n_cgroup_fds && i < ZY_MAX_CGROUPS; i++) {
+        raw_fail("join the run's cgroup", RAW(SYS_write, req->cgroup_fds[i], "0", 1));
+        close(req->cgroup_fds[i]);
+    }
     h_check(mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL), "make / private");
     h_workspace(req->workspace_fd);
     h_proc();
@@ -277,7 +281,15 @@ static int g_main(void *arg) {
     }
     if (h < 0) raw_fail("fork", -1);
     /* From here on the zygote runs again: raw calls and our own stack only. */
+    int cgroup_fds[ZY_MAX_CGROUPS], n_cgroup_fds = 0;
+    for (int i = 0; i < req->n_cgroup_fds && i < ZY_MAX_CGROUPS; i++)
+        cgroup_fds[n_cgroup_fds++] = req->cgroup_fds[i];
     RAW(SYS_write, req->sync[1], "h", 1);
+    /* "0": the writer itself, G alone (its own thread group). The fd was opened by the
+       host (root), whose credentials the kernel checks; in v1 the move may wait for an
+       RCU grace period: H makes its own move meanwhile. */
+    for (int i = 0; i < n_cgroup_fds; i++)
+        raw_fail("join the run's cgroup", RAW(SYS_write, cgroup_fds[i], "0", 1));
     RAW(SYS_close_range, 0, status_fd - 1, 0);
     RAW(SYS_close_range, status_fd + 1, ~0U, 0);
     raw_drop_capabilities();
