@@ -15,6 +15,7 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -192,6 +193,10 @@ def populate_workspace(workspace: Path, job: Job) -> None:
     if job.project_dir is not None:
         shutil.copytree(job.project_dir, workspace, symlinks=True, dirs_exist_ok=True)
     for name, content in job.files:
+        if "/" not in name:  # (an eval's main.py: no directory to make, no Path per run)
+            with open(os.path.join(workspace, name), "w", encoding="utf-8") as f:
+                f.write(content)
+            continue
         target = workspace / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content, encoding="utf-8")

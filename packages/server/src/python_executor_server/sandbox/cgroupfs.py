@@ -62,7 +62,7 @@ def keyed(path: str | Path, key: str) -> int | None:
 
 def procs(directory: Path) -> list[int]:
     try:
-        return [int(x) for x in read(directory / "cgroup.procs").split()]
+        return [int(x) for x in read(os.path.join(directory, "cgroup.procs")).split()]
     except OSError:
         return []
 

@@ -70,14 +70,15 @@ class Workspaces:
         (through the fd, which ``remove`` closes: the path is unique until then)."""
         options = {"source": "tmpfs", **self._options(disk_mb)}
         fd = detached_tmpfs(options, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
-        root = Path(f"{DETACHED_PREFIX}{fd}")
-        self._detached[root / WORK_DIR] = fd
+        root = f"{DETACHED_PREFIX}{fd}"
+        work = Path(f"{root}/{WORK_DIR}")
+        self._detached[work] = fd
         try:
             self._populate(root)
         except BaseException:
-            self.remove(root / WORK_DIR)
+            self.remove(work)
             raise
-        return fd, root / WORK_DIR
+        return fd, work
 
     def _options(self, disk_mb: int) -> dict[str, str]:
         inodes = max(self.min_inodes, disk_mb * INODES_PER_MB)
@@ -90,12 +91,13 @@ class Workspaces:
             "gid": uid,
         }
 
-    def _populate(self, root: Path) -> None:
-        (root / WORK_DIR).mkdir(mode=0o755)
-        (root / TMP_DIR).mkdir(mode=0o777)
-        os.chmod(root / TMP_DIR, 0o1777)
+    def _populate(self, root: str | Path) -> None:
+        work, tmp = os.path.join(root, WORK_DIR), os.path.join(root, TMP_DIR)  # (per run)
+        os.mkdir(work, mode=0o755)
+        os.mkdir(tmp, mode=0o777)
+        os.chmod(tmp, 0o1777)
         if os.geteuid() == 0:
-            for path in (root, root / WORK_DIR, root / TMP_DIR):
+            for path in (root, work, tmp):
                 os.chown(path, self.uid, self.uid)
 
     def tmp_for(self, workdir: Path) -> Path:

@@ -118,7 +118,10 @@ class StateStore(Protocol):
     async def transition(
         self, execution_id: str, expected: Collection[ExecutionStatus], record: ExecutionRecord
     ) -> bool:
-        """Replace the record only if its stored status is in ``expected``; True if replaced."""
+        """Replace the record only if its stored status is in ``expected``; True if replaced.
+
+        ``record`` is the stored one evolved: its id, ``created_at`` and ``request`` are
+        the creation's (``codec.FIXED_FIELDS``), which a store need not write again."""
 
     async def list(
         self, status: ExecutionStatus | None, limit: int, cursor: str | None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -128,6 +128,19 @@ FIELD_KINDS: dict[str, str] = {
     "peak_memory_mb": "float",
 }
 FIELDS = tuple(FIELD_KINDS)
+
+
+# Set when a record is created and never changed by a transition (``ExecutionStore``).
+FIXED_FIELDS = ("execution_id", "created_at", "request")
+
+
+def record_values(record: ExecutionRecord, names: Iterable[str]) -> tuple[Scalar, ...]:
+    """The encoded values of ``names`` (a row's columns), in that order."""
+    values = []
+    for name in names:
+        value = getattr(record, name)
+        values.append(None if value is None else _ENCODERS[FIELD_KINDS[name]](value))
+    return tuple(values)
 
 
 def record_to_row(record: ExecutionRecord) -> dict[str, Scalar]:

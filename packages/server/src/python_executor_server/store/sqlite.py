@@ -40,11 +40,13 @@ from .base import (
 )
 from .codec import (
     FIELDS,
+    FIXED_FIELDS,
     check_same_id,
     cursor_bounds,
     encode_cursor,
     record_from_row,
     record_to_row,
+    record_values,
     to_iso,
 )
 
@@ -95,7 +97,10 @@ def _marks(count: int) -> str:
 _COLUMNS = ", ".join(FIELDS)
 _INSERT = f"INSERT INTO executions ({_COLUMNS}) VALUES ({_marks(len(FIELDS))})"
 _SELECT = f"SELECT {_COLUMNS} FROM executions"
-_ASSIGN = ", ".join(f"{name} = ?" for name in FIELDS[1:])
+# What a transition writes: all but what is fixed at creation (the id, created_at and the
+# request, the biggest column: not encoded and written again on each change of status).
+_CHANGING = tuple(name for name in FIELDS if name not in FIXED_FIELDS)
+_ASSIGN = ", ".join(f"{name} = ?" for name in _CHANGING)
 _ORDER = "ORDER BY created_at DESC, execution_id DESC LIMIT ?"
 _FINISHED = tuple(s.value for s in FINISHED)
 _UNFINISHED = tuple(s.value for s in UNFINISHED)
@@ -176,7 +181,7 @@ class SqliteStore:
         self, execution_id: str, expected: Collection[ExecutionStatus], record: ExecutionRecord
     ) -> bool:
         check_same_id(execution_id, record)
-        values = tuple(record_to_row(record).values())[1:]
+        values = record_values(record, _CHANGING)
         wanted = tuple(ExecutionStatus(s).value for s in expected)
         cursor = self.db.execute(_transition_sql(len(wanted)), (*values, execution_id, *wanted))
         self._wrote()
