@@ -270,12 +270,19 @@ static int g_main(void *arg) {
         } limit = {req->rlimit_value[i], req->rlimit_value[i]};
         raw_fail("setrlimit", raw6(SYS_prlimit64, 0, req->rlimit_which[i], (long)&limit, 0, 0, 0));
     }
-    int status_fd = req->status_fd;
-    if (RAW(SYS_write, req->job_fd, "c", 1) != 1) raw_exit(125); /* the host gave up */
+    int status_fd = req->status_fd, job_fd = req->job_fd;
     /* libc's fork: H gets libc's own child-side care (its locks, its tid). The zygote
-       is stopped in zy_spawn meanwhile, holding none of them. */
+       is stopped in zy_spawn meanwhile, holding none of them; nothing can kill G before
+       it returns (the host learns G's pid only after it, and G is in no cgroup of a run
+       yet): a G killed inside it would leave the zygote's malloc locks taken. */
+    int go[2]; /* G -> H: G reported (its byte comes first on the job socket) */
+    raw_fail("pipe2", RAW(SYS_pipe2, go, O_CLOEXEC, 0));
     pid_t h = fork();
     if (h == 0) {
+        char byte;
+        close(go[1]);
+        if (read(go[0], &byte, 1) != 1) _exit(125); /* G is gone */
+        close(go[0]);
         h_setup(req);
         __builtin_longjmp(req->jump, 1); /* into zy_spawn, returning 0 there */
     }
@@ -285,6 +292,8 @@ static int g_main(void *arg) {
     for (int i = 0; i < req->n_cgroup_fds && i < ZY_MAX_CGROUPS; i++)
         cgroup_fds[n_cgroup_fds++] = req->cgroup_fds[i];
     RAW(SYS_write, req->sync[1], "h", 1);
+    if (RAW(SYS_write, job_fd, "c", 1) != 1) raw_exit(125); /* the host gave up */
+    RAW(SYS_write, go[1], "g", 1);
     /* "0": the writer itself, G alone (its own thread group). The fd was opened by the
        host (root), whose credentials the kernel checks; in v1 the move may wait for an
        RCU grace period: H makes its own move meanwhile. */
