@@ -390,6 +390,9 @@ def test_the_native_part_is_built_once_and_cached(
         cached.write_bytes(library + b"cached")  # the second process reads it, no build
         assert native.native_library() == library + b"cached"
         native.native_library.cache_clear()
+        (tmp_path / "python-executor").chmod(0o777)  # anyone could swap the file: not used
+        assert native.native_library() == library
+        native.native_library.cache_clear()
         monkeypatch.setenv("CC", "false")  # a compiler that fails: none, and said why
         assert native.native_library() is None
     finally:

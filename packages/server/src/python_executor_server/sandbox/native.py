@@ -2,10 +2,12 @@
 
 Built once per source and compiler and kept in the user's cache directory
 (``$XDG_CACHE_HOME/python-executor``, else ``~/.cache/python-executor``), in a directory
-only its owner can write; where that cannot be written, built in a temporary directory
-for this process alone. The zygote gets the library as a memfd (``zygote.py``): nothing is
-mounted into its sandbox for it. Without a C compiler there is none, and the pool starts
-its sandboxes with bwrap instead (``Zygotes`` says so once in the log).
+only its owner can write: a cached library is used only when it and its directory are
+ours and writable by nobody else (the zygote runs it). Where that cannot be had, it is
+built in a temporary directory for this process alone. The zygote gets the library as
+a memfd (``zygote.py``): nothing is mounted into its sandbox for it. Without a C
+compiler there is none, and the pool starts its sandboxes with bwrap instead
+(``Zygotes`` says so once in the log).
 
 Usage::
 
@@ -73,10 +75,8 @@ def native_library() -> bytes | None:
         SOURCE.read_bytes() + "\0".join([compiler, version, *_FLAGS]).encode()
     ).hexdigest()[:24]
     cached = _cache_dir() / f"zygote-{digest}.so"
-    try:
+    if _ours_alone(cached.parent) and _ours_alone(cached):
         return cached.read_bytes()
-    except OSError:
-        pass
     try:
         with tempfile.TemporaryDirectory(prefix="pyexec-native-") as scratch:
             built = Path(scratch) / "zygote.so"
@@ -87,9 +87,21 @@ def native_library() -> bytes | None:
         return None
     try:
         cached.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _ours_alone(cached.parent):
+            raise PermissionError(f"{cached.parent} is not ours alone (owner, mode 0700)")
         with tempfile.NamedTemporaryFile(dir=cached.parent, delete=False) as out:
             out.write(data)
         os.replace(out.name, cached)
     except OSError as exc:  # (kept for this process only)
         log.info("the zygote's native part is not cached", error=str(exc))
     return data
+
+
+def _ours_alone(path: Path) -> bool:
+    """``path`` exists, is ours and nobody else may write it (nor, for a directory,
+    put or swap a file in it): the zygote runs what it holds."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o022
