@@ -130,7 +130,7 @@ FIELD_KINDS: dict[str, str] = {
 FIELDS = tuple(FIELD_KINDS)
 
 
-# Set when a record is created and never changed by a transition (``ExecutionStore``).
+# Set when a record is created and never changed by a transition (``StateStore``).
 FIXED_FIELDS = ("execution_id", "created_at", "request")
 
 
@@ -144,11 +144,7 @@ def record_values(record: ExecutionRecord, names: Iterable[str]) -> tuple[Scalar
 
 
 def record_to_row(record: ExecutionRecord) -> dict[str, Scalar]:
-    row: dict[str, Scalar] = {}
-    for name, kind in FIELD_KINDS.items():
-        value = getattr(record, name)
-        row[name] = None if value is None else _ENCODERS[kind](value)
-    return row
+    return dict(zip(FIELDS, record_values(record, FIELDS), strict=True))
 
 
 def record_from_row(row: Mapping[str, Any]) -> ExecutionRecord:
