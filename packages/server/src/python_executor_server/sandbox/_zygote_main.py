@@ -135,17 +135,22 @@ def _zygote_serve(control: int) -> list[str]:
         header, _, bpf = data.partition(b"\n\n")
         request = dict(line.split("=", 1) for line in header.decode().splitlines())
         fd = {name[3:]: fds[int(i)] for name, i in request.items() if name.startswith("fd.")}
+        cgroups = [number for name, number in fd.items() if name.startswith("cgroup")]
+        limits = [(int(k[7:]), int(v)) for k, v in request.items() if k.startswith("rlimit.")]
+        if len(cgroups) > _ZYGOTE_CGROUPS or len(limits) > _ZYGOTE_RLIMITS:
+            # (none may be left out; the host sees the job socket close: no sandbox)
+            os.write(2, b"zygote: more cgroups or rlimits than a request holds\n")
+            _zygote_close(fds)
+            continue
         req = _ZygoteRequest(job_fd=fd["job"], status_fd=fd["status"])
         req.workspace_fd = fd["workspace"]
-        cgroups = [number for name, number in fd.items() if name.startswith("cgroup")]
         req.n_cgroup_fds = len(cgroups)
-        for i, number in enumerate(cgroups[:_ZYGOTE_CGROUPS]):
+        for i, number in enumerate(cgroups):
             req.cgroup_fds[i] = number
         req.uid_map, req.gid_map = maps
         req.hostname = request["hostname"].encode()
-        limits = [(int(k[7:]), int(v)) for k, v in request.items() if k.startswith("rlimit.")]
         req.n_rlimits = len(limits)
-        for i, (which, value) in enumerate(limits[:_ZYGOTE_RLIMITS]):
+        for i, (which, value) in enumerate(limits):
             req.rlimit_which[i], req.rlimit_value[i] = which, value
         program = ctypes.create_string_buffer(bpf, len(bpf)) if bpf else None
         if program is not None:

@@ -308,8 +308,9 @@ def _keep_tail(buffer: bytearray, data: bytes) -> None:
 
 
 async def _peer_pid(fd: int) -> int | None:
-    """The pid (in our namespace) of the forked run, from the credentials of its first
-    byte on the job socket; None when it ended or did not report in time."""
+    """The pid (in our namespace) of the forked run's init, from the credentials of the
+    first byte on the job socket (the init's); None when it ended or did not report in
+    time."""
     with socket_of(fd) as sock, anyio.move_on_after(SETUP_TIMEOUT):
         sock.setblocking(False)
         while True:
