@@ -289,3 +289,19 @@ async def started_harness(settings: Settings, interpreter: Interpreter) -> Async
         for work in harness.workspaces:
             await backend.remove_workspace(work)
         await backend.close()
+
+
+def cgroup_paths(pid: int) -> dict[str, str]:
+    """The v1 cgroup ``pid`` is in, per controller (from the host's /proc)."""
+    paths = {}
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        for controller in controllers.split(","):
+            paths[controller] = path
+    return paths
+
+
+def cgroup_file(pid: int, controller: str, name: str) -> str:
+    """A control file of the v1 cgroup ``pid`` is in, read from the host."""
+    path = cgroup_paths(pid)[controller]  # (KeyError: not in that hierarchy)
+    return Path(f"/sys/fs/cgroup/{controller}{path}/{name}").read_text().strip()

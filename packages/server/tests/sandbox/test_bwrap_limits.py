@@ -8,20 +8,11 @@ from pathlib import Path
 
 import anyio
 import pytest
-from bwrap_harness import Harness, eventually, marker_pids
+from bwrap_harness import Harness, cgroup_file, eventually, marker_pids
 from python_executor_server.sandbox.base import CollectedOutput
 
 pytestmark = pytest.mark.sandbox
 MIB = 1024 * 1024
-
-
-def _cgroup_file(pid: int, controller: str, name: str) -> str:
-    """A control file of the v1 cgroup ``pid`` is in, read from the host."""
-    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return Path(f"/sys/fs/cgroup/{controller}{path}/{name}").read_text().strip()
-    raise LookupError(controller)
 
 
 async def _hello_still_works(sandbox: Harness) -> None:
@@ -93,10 +84,10 @@ async def test_memory_and_pids_limits_are_set_on_the_running_cgroup(sandbox: Har
         tg.start_soon(sandbox.backend.run, spec, CollectedOutput())
         pid = (await eventually(lambda: marker_pids(marker)))[0]
         values = {
-            "memory": _cgroup_file(pid, "memory", "memory.limit_in_bytes"),
-            "memsw": _cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes"),
-            "pids": _cgroup_file(pid, "pids", "pids.max"),
-            "shares": _cgroup_file(pid, "cpu", "cpu.shares"),
+            "memory": cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+            "memsw": cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes"),
+            "pids": cgroup_file(pid, "pids", "pids.max"),
+            "shares": cgroup_file(pid, "cpu", "cpu.shares"),
         }
         tg.cancel_scope.cancel()
     assert values == {
