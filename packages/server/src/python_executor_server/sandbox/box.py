@@ -21,6 +21,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -40,7 +41,8 @@ from .process import (
     PidHandle,
     StatusChild,
     feed,
-    pump,
+    read_to_end,
+    resolve,
     schedule,
     socket_of,
 )
@@ -81,7 +83,7 @@ class Box:
     network: NetworkAttachment | None = None
     released: bool = False  # confined and told to start the command
     idle: bool = False  # started ahead at SCHED_IDLE: ``wake`` before its run
-    done: anyio.Event = field(default_factory=anyio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def kill(self) -> None:  # from outside the run's own task
         for process in (self.init, self.child):
@@ -138,40 +140,69 @@ class Box:
             head(data)
             sink.write("stderr", data)
 
-        # A zygote's fork can end before its init reports: once the program said its exit
-        # code on the side channel and every copy of the output is closed (``end_code``).
-        said_end = anyio.CancelScope()
-        streams = 2 if pipes.result is None else 3
+        loop = asyncio.get_running_loop()
+        over: asyncio.Future[bool] = loop.create_future()  # True: the time limit came first
+        drained: asyncio.Future[None] = loop.create_future()
+        streams: list[tuple[int, Callable[[bytes], None]]] = [
+            (pipes.out[0], lambda data: sink.write("stdout", data)),
+            (pipes.err[0], on_stderr),
+        ]
+        if pipes.result is not None:
+            streams.append((pipes.result[0], side))
+        left = len(streams)
+        failed: list[Exception] = []
 
-        async def drain(fd: int, deliver: Callable[[bytes], None]) -> None:
-            nonlocal streams
-            await pump(fd, deliver)
-            streams -= 1
-            if streams == 0 and isinstance(self.child, StatusChild):
+        def at_end(error: Exception | None) -> None:
+            nonlocal left
+            if error is not None:
+                failed.append(error)
+            left -= 1
+            if left:
+                return
+            resolve(drained, None)
+            # A zygote's fork can end before its init reports: once the program said its
+            # exit code on the side channel and every copy of the output is closed.
+            if isinstance(self.child, StatusChild):
                 code = end_code(bytes(side.data))
                 if code is not None:
-                    self.child.end(code)
-                    said_end.cancel()
+                    self.child.end(code)  # (ends the wait for ``over``)
 
+        # Reader callbacks and timers on the loop, not tasks (``process.py``).
+        stops = [read_to_end(fd, deliver, at_end) for fd, deliver in streams]
+        feeding: list[asyncio.Task[None]] = []
         timed_out = False
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(drain, pipes.out[0], lambda data: sink.write("stdout", data))
-            tg.start_soon(drain, pipes.err[0], on_stderr)
-            if pipes.result is not None:
-                tg.start_soon(drain, pipes.result[0], side)
+        try:
             if self.released:
                 rest = _send_now(pipes.job[0], job) if job is not None and pipes.job else b""
                 if rest and pipes.job is not None:
-                    tg.start_soon(feed, pipes.job[0], rest)
+                    feeding.append(loop.create_task(feed(pipes.job[0], rest)))
                 if spec.stdin:
-                    tg.start_soon(self._feed_stdin, spec.stdin)
+                    feeding.append(loop.create_task(self._feed_stdin(spec.stdin)))
                 else:
                     self.fds.close(pipes.stdin[1])  # EOF for the program at once
-                with anyio.move_on_after(spec.limits.timeout_seconds) as scope, said_end:
-                    await self.child.wait()
-                timed_out = scope.cancelled_caught
+                watch = self.child.when_ended(lambda: resolve(over, False))
+                timer = loop.call_later(spec.limits.timeout_seconds, resolve, over, True)
+                try:
+                    timed_out = await over
+                finally:
+                    timer.cancel()
+                    watch()
             await self.terminate()
-            tg.cancel_scope.deadline = anyio.current_time() + DRAIN_GRACE
+            if not drained.done():
+                timer = loop.call_later(DRAIN_GRACE, resolve, drained, None)
+                try:
+                    await drained
+                finally:
+                    timer.cancel()
+        finally:
+            for stop in stops:
+                stop()
+            for task in feeding:
+                task.cancel()
+            if feeding:
+                await asyncio.gather(*feeding, return_exceptions=True)
+        if failed:
+            raise failed[0]
         error = self._setup_error(bytes(head.data))
         return self._outcome(timed_out, bytes(side.data), error)
 
@@ -232,8 +263,7 @@ class Box:
     async def _reap(self) -> None:
         """Wait until every process of the sandbox is gone (after ``terminate``'s kill)."""
         if self.child is not None and self.child.returncode is None:
-            with anyio.move_on_after(KILL_GRACE if self.init is not None else 0):
-                await self.child.wait()
+            await self.child.wait(KILL_GRACE if self.init is not None else 0)
             self.child.kill()
             await self.child.wait()
         elif self.init is not None:  # a zygote's fork: its init reported, and is exiting
@@ -283,5 +313,5 @@ async def _sweep(slot: Slot) -> None:
             await anyio.to_thread.run_sync(slot.kill_all)
             return
         slot.signal_all(signal.SIGKILL)
-        await anyio.sleep(delay)
+        await asyncio.sleep(delay)
         delay *= 2

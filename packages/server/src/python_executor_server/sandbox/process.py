@@ -10,6 +10,11 @@ Usage::
     child = await spawner.spawn(argv, {0: stdin_r, 1: out_w, 2: err_w, 3: info_w}, env={})
     await pump(out_r, lambda data: sink.write("stdout", data))
     code = await child.wait()
+
+The waits here are plain asyncio (a reader registration and a future; a timer for a
+time limit), not anyio's task groups and cancel scopes: they run several times per
+run, and anyio's bookkeeping cost about a tenth of the server's CPU per eval
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,8 +27,9 @@ import select
 import signal
 import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
-import anyio
+T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
@@ -38,12 +44,29 @@ class Child:
         self.returncode: int | None = None
         self._pidfd: int | None = os.pidfd_open(pid)
 
-    async def wait(self) -> int:
+    async def wait(self, within: float | None = None) -> int | None:
+        """The exit status; None if it still runs after ``within`` seconds."""
+        deadline = _deadline(within)
         while self.returncode is None:
             assert self._pidfd is not None
-            await anyio.wait_readable(self._pidfd)
+            if not await readable(self._pidfd, _left(deadline)):
+                return None
             self._reap()
         return self.returncode
+
+    def when_ended(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (once) from the loop when it has ended; returns the function
+        that stops watching (call it before the run lets go of the child)."""
+        if self.exited():
+            callback()
+            return _nothing
+        assert self._pidfd is not None
+
+        def reaped() -> None:  # (the watch is off: the reap closes the pidfd)
+            self._reap()
+            callback()
+
+        return _watch(self._pidfd, _always, reaped)
 
     def exited(self) -> bool:
         """Without waiting: has it ended (reaped now if so)?"""
@@ -85,8 +108,7 @@ class PidHandle:
     async def gone(self, within: float) -> None:
         """Wait (up to ``within`` s) until it has exited: woken by its pidfd, not polled."""
         if self._pidfd is not None:
-            with anyio.move_on_after(within):
-                await anyio.wait_readable(self._pidfd)
+            await readable(self._pidfd, within)
 
     def close(self) -> None:
         if self._pidfd is not None:
@@ -108,10 +130,14 @@ class StatusChild:
         self._init = init
         self._fd = status_fd
         self._data = b""
+        self._on_end: Callable[[], None] | None = None
 
-    async def wait(self) -> int:
+    async def wait(self, within: float | None = None) -> int | None:
+        """The exit status; None if none came within ``within`` seconds."""
+        deadline = _deadline(within)
         while self.returncode is None:
-            await anyio.wait_readable(self._fd)
+            if not await readable(self._fd, _left(deadline)):
+                return None
             self._read()
         return self.returncode
 
@@ -119,6 +145,25 @@ class StatusChild:
         if self.returncode is None and _readable_now(self._fd):
             self._read()
         return self.returncode is not None
+
+    def when_ended(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """As ``Child.when_ended``: on the status, or on ``end``."""
+        if self.returncode is not None:
+            callback()
+            return _nothing
+        self._on_end = callback
+        stop = _watch(self._fd, self.exited, self._ended)
+
+        def stop_all() -> None:
+            self._on_end = None
+            stop()
+
+        return stop_all
+
+    def _ended(self) -> None:
+        callback, self._on_end = self._on_end, None
+        if callback is not None:
+            callback()
 
     def _read(self) -> None:
         os.set_blocking(self._fd, False)
@@ -140,9 +185,68 @@ class StatusChild:
         if self.returncode is None:
             self.returncode = code
             self.reported = True
+            self._ended()
 
     def kill(self) -> None:
         self._init.kill()
+
+
+async def readable(fd: int, within: float | None = None) -> bool:
+    """Wait until ``fd`` is readable (or at its end): True; False once ``within``
+    seconds have passed first."""
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[bool] = loop.create_future()
+    loop.add_reader(fd, resolve, woken, True)
+    timer = None if within is None else loop.call_later(max(within, 0), resolve, woken, False)
+    try:
+        return await woken
+    finally:
+        loop.remove_reader(fd)
+        if timer is not None:
+            timer.cancel()
+
+
+def resolve(future: asyncio.Future[T], value: T) -> None:
+    """``future``'s result, unless it has one (or was cancelled)."""
+    if not future.done():
+        future.set_result(value)
+
+
+def _watch(fd: int, ended: Callable[[], bool], callback: Callable[[], None]) -> Callable[[], None]:
+    """Check ``ended`` each time ``fd`` is readable; once it says so, stop and call
+    ``callback``. Returns the stop function (idempotent; before ``fd`` is closed)."""
+    loop = asyncio.get_running_loop()
+    watching = True
+
+    def stop() -> None:
+        nonlocal watching
+        if watching:
+            watching = False
+            loop.remove_reader(fd)
+
+    def check() -> None:
+        if ended():
+            stop()
+            callback()
+
+    loop.add_reader(fd, check)
+    return stop
+
+
+def _nothing() -> None:
+    pass
+
+
+def _always() -> bool:  # a pidfd is readable once its process has exited
+    return True
+
+
+def _deadline(within: float | None) -> float | None:
+    return None if within is None else asyncio.get_running_loop().time() + within
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
 
 
 def _readable_now(fd: int) -> bool:
@@ -155,9 +259,10 @@ def _readable_now(fd: int) -> bool:
 
 @contextlib.contextmanager
 def socket_of(fd: int) -> Iterator[socket.socket]:
-    """A socket object over ``fd`` for the calls only it has (recvmsg, MSG_PEEK,
-    setsockopt); ``fd`` stays open and ours."""
-    sock = socket.socket(fileno=fd)
+    """A socket object over ``fd``, one of our job sockets (``Fds.socketpair``), for the
+    calls only it has (recvmsg, MSG_PEEK, setsockopt); ``fd`` stays open and ours. (Its
+    family and type given: else each call asks the kernel three times.)"""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fileno=fd)
     try:
         yield sock
     finally:
@@ -250,12 +355,41 @@ class Fds:
 
 
 async def pump(fd: int, deliver: Callable[[bytes], None]) -> None:
-    """Read ``fd`` to EOF, handing each chunk to ``deliver`` as it arrives (from the
-    event loop's reader callback: one registration for the whole stream, not one per
-    chunk, and no task wake-up per chunk)."""
-    os.set_blocking(fd, False)
+    """Read ``fd`` to EOF, handing each chunk to ``deliver`` as it arrives."""
     loop = asyncio.get_running_loop()
     ended: asyncio.Future[None] = loop.create_future()
+
+    def at_end(error: Exception | None) -> None:
+        if ended.done():
+            return
+        if error is None:
+            ended.set_result(None)
+        else:  # the pump's own failure, as an awaited read's would be
+            ended.set_exception(error)
+
+    stop = read_to_end(fd, deliver, at_end)
+    try:
+        await ended
+    finally:
+        stop()
+
+
+def read_to_end(
+    fd: int, deliver: Callable[[bytes], None], at_end: Callable[[Exception | None], None]
+) -> Callable[[], None]:
+    """Read ``fd`` to EOF from the event loop's reader callback (one registration for
+    the whole stream, no task, no wake-up per chunk), handing each chunk to ``deliver``;
+    at the end (or a read error) stop and call ``at_end`` once. Returns the function
+    that stops reading (idempotent; call it before ``fd`` is closed)."""
+    os.set_blocking(fd, False)
+    loop = asyncio.get_running_loop()
+    reading = True
+
+    def stop() -> None:
+        nonlocal reading
+        if reading:
+            reading = False
+            loop.remove_reader(fd)
 
     def readable() -> None:
         try:
@@ -265,20 +399,15 @@ async def pump(fd: int, deliver: Callable[[bytes], None]) -> None:
                 return
         except BlockingIOError:
             return
-        except Exception as exc:  # the pump's own failure, as an awaited read's would be
-            loop.remove_reader(fd)
-            if not ended.done():
-                ended.set_exception(exc)
+        except Exception as exc:
+            stop()
+            at_end(exc)
             return
-        loop.remove_reader(fd)
-        if not ended.done():
-            ended.set_result(None)
+        stop()
+        at_end(None)
 
     loop.add_reader(fd, readable)
-    try:
-        await ended
-    finally:
-        loop.remove_reader(fd)
+    return stop
 
 
 async def feed(fd: int, data: bytes) -> None:
@@ -287,12 +416,22 @@ async def feed(fd: int, data: bytes) -> None:
     view = memoryview(data)
     with contextlib.suppress(OSError):  # BrokenPipeError: stdin closed or program ended
         while view:
-            await anyio.wait_writable(fd)
+            await _writable(fd)
             try:
                 written = os.write(fd, view[:PIPE_SIZE])
             except BlockingIOError:
                 continue
             view = view[written:]
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    woken: asyncio.Future[bool] = loop.create_future()
+    loop.add_writer(fd, resolve, woken, True)
+    try:
+        await woken
+    finally:
+        loop.remove_writer(fd)
 
 
 class CappedBuffer:

@@ -58,7 +58,7 @@ from .cgroups import Cgroups
 from .launch import SETUP_TIMEOUT, Launcher, job_fd_number
 from .native import native_library
 from .pool import PoolKey
-from .process import PidHandle, StatusChild, pump, socket_of
+from .process import PidHandle, StatusChild, pump, readable, socket_of
 from .rlimits import rlimits_for
 from .rootfs import HOSTNAME
 from .workspace import Workspaces
@@ -113,7 +113,7 @@ class Zygotes:
         self._max = max(1, max_zygotes)
         self._max_file_mb = max_file_mb  # the zygote's own limit: its forks' are lower
         self._zygotes: OrderedDict[ZygoteKey, Zygote] = OrderedDict()
-        self._locks: dict[ZygoteKey, anyio.Lock] = {}
+        self._locks: dict[ZygoteKey, asyncio.Lock] = {}
         self._broken: set[ZygoteKey] = set()
         self.made = 0
 
@@ -165,7 +165,7 @@ class Zygotes:
         return box, workdir
 
     async def _zygote(self, key: ZygoteKey, spec: RunSpec) -> Zygote | None:
-        lock = self._locks.setdefault(key, anyio.Lock())
+        lock = self._locks.get(key) or self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             zygote = self._zygotes.get(key)
             if zygote is not None and not zygote.box.alive():
@@ -258,8 +258,7 @@ class Zygotes:
         box.init = PidHandle(init)
         box.child = StatusChild(box.init, pipes.info[0])
         box.released = True
-        with anyio.move_on_after(SETUP_TIMEOUT):  # its byte, or the socket's end if it died
-            await anyio.wait_readable(pipes.job[0])
+        await readable(pipes.job[0], SETUP_TIMEOUT)  # its byte, or the socket's end if it died
         return box.ready()
 
     def describe(self) -> dict[str, Any]:
@@ -311,10 +310,11 @@ async def _peer_pid(fd: int) -> int | None:
     """The pid (in our namespace) of the forked run's init, from the credentials of the
     first byte on the job socket (the init's); None when it ended or did not report in
     time."""
-    with socket_of(fd) as sock, anyio.move_on_after(SETUP_TIMEOUT):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETUP_TIMEOUT
+    with socket_of(fd) as sock:
         sock.setblocking(False)
-        while True:
-            await anyio.wait_readable(fd)
+        while await readable(fd, deadline - loop.time()):
             try:
                 data, ancillary, _, _ = sock.recvmsg(1, socket.CMSG_SPACE(_CREDENTIALS.size))
             except BlockingIOError:
