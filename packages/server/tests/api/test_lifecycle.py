@@ -175,6 +175,22 @@ def test_an_eval_answers_with_the_record_the_store_keeps(client: httpx2.Client) 
     assert client.get(f"/api/v1/executions/{body['execution_id']}").json() == body
 
 
+def test_a_sync_answer_is_stored_before_the_next_request_is_read(client: httpx2.Client) -> None:
+    # The answer goes out before the store's write (service._finish): a read the moment
+    # it arrives, here or on another connection, must still find the record finished.
+    with httpx2.Client(base_url=client.base_url, timeout=60) as other:
+        for i in range(20):
+            body = eval_(client, f"print({i})")
+            assert body["stdout"] == f"{i}\n"
+            reader = other if i % 2 else client
+            assert reader.get(f"/api/v1/executions/{body['execution_id']}").json() == body
+        tar = tar_of({"main.py": "print('sync')"})
+        for _ in range(5):
+            body = post_exec(client, tar, {}).json()
+            assert body["status"] == "completed"
+            assert other.get(f"/api/v1/executions/{body['execution_id']}").json() == body
+
+
 def _runs_dir(server: ServerProcess) -> Path:
     """Where ``server`` keeps its workspaces (``ServerProcess`` picks it by uid)."""
     if os.geteuid() == 0:

@@ -428,6 +428,18 @@ class ExecutionService:
                 stdout_truncated=capture.truncated("stdout"),
                 stderr_truncated=capture.truncated("stderr"),
             )
+        if self.queue.exclusive and running.execution_id in self._waiters:
+            # Nothing but this task writes a running record of this process's own queue:
+            # the waiting request is answered first (its response goes out in the next
+            # loop pass, before this task resumes), then the record is stored, before
+            # anything its client sends next is read. A sync run's answer does not wait
+            # for the store's write (docs/benchmarks.md).
+            self.notify_local(running.execution_id, running.evolve(status=report.status, **changes))
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:  # shutting down: the answer is out, store it
+                await self._transition(running, report.status, **changes)
+                raise
         final = None
         with contextlib.suppress(InvalidTransition):
             final = await self._transition(running, report.status, **changes)
