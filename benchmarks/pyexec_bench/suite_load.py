@@ -5,23 +5,24 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 
 from .calls import (
     HELLO,
+    Call,
     Context,
-    JsonClient,
     describe_failure,
     joined,
     pool_watch,
     timed,
     wait_finished,
 )
+from .loadgen import run_load
 from .payloads import MB, StreamedUpload
 from .plan import GiB
 from .procmem import RssWatch, rss_mib, tree_rss_mib
@@ -29,7 +30,6 @@ from .report import Row
 from .stats import bounded, percentile, summarize
 from .suite_latency import Failures
 
-MAX_RUNS_PER_CLIENT = 100_000
 UPLOAD_TIMEOUT = 600.0
 REQUIREMENT_CODE = "import six\nprint(six.__name__)"
 
@@ -37,58 +37,29 @@ REQUIREMENT_CODE = "import six\nprint(six.__name__)"
 # --- throughput ---------------------------------------------------------------------
 
 
-@dataclass
-class _Load:
-    latencies: list[float]  # list.append: safe across threads
-    failures: list[str]
-    start: float = 0.0
-    end: float = 0.0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-def _worker(url: str, load: _Load, go: threading.Event, seconds: float) -> None:
-    with JsonClient(url) as client:
-        client.post("/api/v1/eval", HELLO)  # connect and warm up
-        go.wait()
-        for _ in range(MAX_RUNS_PER_CLIENT):
-            if time.perf_counter() >= load.start + seconds:
-                break
-            call = client.post("/api/v1/eval", HELLO)
-            if call.ok_run("hello\n"):
-                load.latencies.append(call.ms)
-            else:
-                load.failures.append(describe_failure(call))
-    with load.lock:
-        load.end = max(load.end, time.perf_counter())
-
-
-def _run_load(url: str, clients: int, seconds: float) -> _Load:
-    """``clients`` threads, each a keep-alive connection sending one eval after another
-    (http.client: waiting on the socket, a thread lets the others run)."""
-    load, go = _Load([], []), threading.Event()
-    threads = [
-        threading.Thread(target=_worker, args=(url, load, go, seconds)) for _ in range(clients)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)  # every client connected and warmed up
-    load.start = time.perf_counter()
-    go.set()
-    for thread in threads:
-        thread.join()
-    return load
+def _hello_ran(status: int, body: dict[str, Any]) -> str | None:
+    call = Call(0.0, status, body)
+    return None if call.ok_run("hello\n") else describe_failure(call)
 
 
 def throughput_rows(ctx: Context) -> list[Row]:
     plan = ctx.plan
     with pool_watch(ctx.client) as pool:
-        load = _run_load(ctx.server.url, plan.clients, plan.throughput_seconds)
+        load = run_load(
+            ctx.server.url,
+            "/api/v1/eval",
+            HELLO,
+            clients=plan.clients,
+            seconds=plan.throughput_seconds,
+            check=_hello_ran,
+        )
     if not load.latencies:
         raise RuntimeError(f"no run succeeded: {load.failures[:1]}")
-    elapsed = load.end - load.start
+    elapsed = load.elapsed
     rate = len(load.latencies) / elapsed
     note = joined(
-        f"{len(load.latencies)} runs in {elapsed:.1f} s, keep-alive; latency under load",
+        f"{len(load.latencies)} runs in {elapsed:.1f} s, keep-alive connections driven by"
+        " one client thread (loadgen.py); latency under load",
         pool.note(),
         f"first failure: {load.failures[0]}" if load.failures else "",
     )

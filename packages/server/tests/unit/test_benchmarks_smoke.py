@@ -3,8 +3,11 @@ the target checks. No timings are asserted; nothing is started."""
 
 from __future__ import annotations
 
+import http.server
 import importlib.util
+import json
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -88,3 +91,61 @@ def test_only_accepts_known_scenarios(bench: ModuleType) -> None:
     ]
     with pytest.raises(SystemExit):
         bench.parse_args(["--only", "no-such-scenario"])
+
+
+@pytest.fixture(scope="module")
+def loadgen(bench: ModuleType) -> ModuleType:
+    return sys.modules["pyexec_bench.loadgen"]  # imported by run.py
+
+
+def test_loadgen_reads_a_response_only_once_it_is_complete(loadgen: ModuleType) -> None:
+    first = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    second = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy"
+    buffer = bytearray(first[:-1])
+    assert loadgen._response(buffer) is None  # the body's last byte is missing
+    buffer += first[-1:] + second[:20]
+    assert loadgen._response(buffer) == (200, b"{}")
+    assert buffer == second[:20]  # the next response's start stays
+    buffer += second[20:]
+    assert loadgen._response(buffer) == (503, b"busy")
+    assert buffer == b""
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive
+    served = 0
+    lock = threading.Lock()  # one thread per connection
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with self.lock:
+            type(self).served += 1
+            good = type(self).served % 3 != 0
+        body = json.dumps({"status": "completed" if good else "failed"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_loadgen_keeps_every_connection_busy_and_checks_each_answer(loadgen: ModuleType) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+
+        def check(status: int, body: dict[str, object]) -> str | None:
+            return None if status == 200 and body.get("status") == "completed" else "failed"
+
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        load = loadgen.run_load(url, "/x", {"code": "1"}, clients=3, seconds=0.3, check=check)
+    finally:
+        server.shutdown()
+        server.server_close()
+    answered = len(load.latencies) + len(load.failures)
+    assert answered == _Answers.served - 3  # every answer after the warm-up, counted once
+    assert load.failures == ["failed"] * len(load.failures)
+    assert abs(len(load.failures) - answered / 3) <= 1  # every third answer failed the check
+    assert load.elapsed >= 0.3
