@@ -33,6 +33,10 @@ CONNECT_TIMEOUT = 10.0
 STALL_SECONDS = 120.0  # a response this late ends the load as failed
 
 
+class ConnectionClosed(ConnectionError):
+    """The server closed a kept-alive connection."""
+
+
 @dataclass
 class Load:
     latencies: list[float] = field(default_factory=list)  # ms, the runs that passed `check`
@@ -54,7 +58,7 @@ def run_load(
     for ``seconds``; each connection answers one request first (connect, warm up)."""
     parts = urlsplit(url)
     address = (parts.hostname or "127.0.0.1", parts.port or 80)
-    request = _request(address, path, json.dumps(body).encode())
+    request = encode_request("POST", address, path, json.dumps(body).encode())
     load = Load()
     selector = selectors.DefaultSelector()
     connections = [_connect(address, selector) for _ in range(clients)]
@@ -73,11 +77,14 @@ def run_load(
     return load
 
 
-def _request(address: tuple[str, int], path: str, payload: bytes) -> bytes:
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
-    )
+def encode_request(
+    method: str, address: tuple[str, int], path: str, payload: bytes | None = None
+) -> bytes:
+    """An HTTP/1.1 request (keep-alive, the default), with a JSON ``payload`` if any."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: {address[0]}:{address[1]}\r\n"
+    if payload is None:
+        return (head + "\r\n").encode()
+    head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
     return head.encode() + payload
 
 
@@ -111,9 +118,9 @@ def _drive(
             connection: _Connection = key.data
             data = connection.sock.recv(1 << 16)
             if not data:
-                raise RuntimeError("the server closed a connection during the load")
+                raise ConnectionClosed("the server closed a connection during the load")
             connection.buffer += data
-            answer = _response(connection.buffer)
+            answer = read_response(connection.buffer)
             if answer is None:
                 continue
             now = time.perf_counter()
@@ -130,16 +137,17 @@ def _send(connection: _Connection, request: bytes) -> None:
         raise RuntimeError("a request did not fit in the socket's buffer")
 
 
-def _response(buffer: bytearray) -> tuple[int, bytes] | None:
+def read_response(buffer: bytearray) -> tuple[int, bytes] | None:
     """``(status, body)`` of the complete response at the start of ``buffer`` (taken out
-    of it), None while it is incomplete."""
+    of it), None while it is incomplete. ValueError: not a response with a length (the
+    server's JSON answers all have one)."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
     head = bytes(buffer[:end]).lower()
     marker = head.find(b"\r\ncontent-length:")
-    if marker < 0:
-        raise RuntimeError(f"a response without content-length: {head[:200]!r}")
+    if not head.startswith(b"http/1.1 ") or marker < 0:
+        raise ValueError(f"not a response with a content-length: {head[:200]!r}")
     line_end = head.find(b"\r\n", marker + 2)
     length = int(head[marker + 17 : line_end if line_end >= 0 else len(head)])
     total = end + 4 + length

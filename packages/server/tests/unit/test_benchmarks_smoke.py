@@ -102,12 +102,12 @@ def test_loadgen_reads_a_response_only_once_it_is_complete(loadgen: ModuleType) 
     first = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     second = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy"
     buffer = bytearray(first[:-1])
-    assert loadgen._response(buffer) is None  # the body's last byte is missing
+    assert loadgen.read_response(buffer) is None  # the body's last byte is missing
     buffer += first[-1:] + second[:20]
-    assert loadgen._response(buffer) == (200, b"{}")
+    assert loadgen.read_response(buffer) == (200, b"{}")
     assert buffer == second[:20]  # the next response's start stays
     buffer += second[20:]
-    assert loadgen._response(buffer) == (503, b"busy")
+    assert loadgen.read_response(buffer) == (503, b"busy")
     assert buffer == b""
 
 
