@@ -141,8 +141,10 @@ def test_queue_full_503(make_server: type[ServerProcess]) -> None:
     server = make_server({"PYEXEC_MAX_CONCURRENT": "1", "PYEXEC_MAX_QUEUE": "1"}).start()
     with httpx2.Client(base_url=server.url, timeout=60) as c:
         first = submit(c, "import time; time.sleep(30)")
-        wait_status(c, first, {"running"})
+        # A free slot: recorded as running from the start, never seen pending
+        assert c.get(f"/api/v1/executions/{first}").json()["status"] == "running"
         second = submit(c, "print('queued')")
+        assert c.get(f"/api/v1/executions/{second}").json()["status"] == "pending"
         response = post_exec(c, tar_of({"main.py": "print(3)"}), {}, mode="async")
         assert response.status_code == 503
         assert response.headers["retry-after"] == "1"

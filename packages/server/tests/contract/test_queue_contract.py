@@ -111,6 +111,44 @@ async def test_put_beyond_the_bound_raises_queue_full(make_queue: MakeQueue) -> 
     assert await queue.depth() == 2
 
 
+async def test_a_claim_is_a_free_slot_that_overtakes_nothing(make_queue: MakeQueue) -> None:
+    queue = make_queue(max_concurrent=2, max_queue=10)
+    release = asyncio.Event()
+    started: list[str] = []
+    finished: list[str] = []
+
+    async def handler(execution_id: str) -> None:
+        started.append(execution_id)
+        await release.wait()
+        finished.append(execution_id)
+
+    await queue.start(handler, _never_lost)
+    claim = queue.claim()
+    if not queue.exclusive:  # a shared queue: every id goes through it
+        assert claim is None
+        return
+    assert claim is not None
+    await queue.put("exe_put")  # the other slot
+    await _until(lambda: started == ["exe_put"])
+    assert queue.claim() is None  # both slots taken (one claimed, one running)
+    await queue.put("exe_waits")  # waits: the claimed slot is not free
+    claim.start("exe_claimed")
+    await _until(lambda: started == ["exe_put", "exe_claimed"])
+    assert await queue.depth() == 1
+    with pytest.raises(RuntimeError):
+        claim.release()  # used once
+    release.set()
+    await _until(lambda: len(finished) == 3)
+    assert started == ["exe_put", "exe_claimed", "exe_waits"]
+    claims = [queue.claim(), queue.claim(), queue.claim()]
+    assert [c is not None for c in claims] == [True, True, False]  # two slots, both free
+    for spare in claims[:2]:
+        assert spare is not None
+        spare.release()
+    await queue.put("exe_after")  # released slots run what comes next
+    await _until(lambda: started[-1] == "exe_after")
+
+
 # --- shared queue only -------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ import structlog
 from python_executor_client.models import ExecutionStatus
 
 from ..errors import ExecutorError, InvalidTransition, NotFound, QueueFull
-from ..queue.base import Bus, JobQueue
+from ..queue.base import Bus, Claim, JobQueue
 from ..queue.local import LocalBus
 from ..settings import Settings
 from ..store.base import ExecutionRecord, StateStore, new_execution_id, utcnow
@@ -120,22 +120,23 @@ class ExecutionService:
 
     # --- submit / wait ------------------------------------------------------
     async def submit(self, job: Job, execution_id: str | None = None) -> ExecutionRecord:
-        """Record a pending execution and enqueue it; 503 when the queue is full."""
+        """Record a pending execution and enqueue it; 503 when the queue is full. One
+        that a free slot of this process's queue starts at once is recorded as running
+        (one store write, not two, and no wait in the queue)."""
         if await self.queue.full():
             self._discard_staging(execution_id)
             raise QueueFull("the queue is full; retry later", self.settings.retry_after_seconds)
-        record = ExecutionRecord.new(job.to_dict(), execution_id)
+        claim = self.queue.claim()
         try:
-            # Once the bus holds the project, the local copy goes, before any local worker
-            # could unpack the bus's copy into the same staging dir.
-            if await self.bus.ship_project(record.execution_id, job):
-                self._discard_staging(record.execution_id)
+            record = await self._record(job, execution_id, claim)
         except BaseException:
-            self._discard_staging(record.execution_id)
+            if claim is not None:
+                claim.release()
             raise
-        await self.store.create(record)
-        if self.queue.exclusive:
-            self._submitted[record.execution_id] = (record, job)
+        if claim is not None:
+            claim.start(record.execution_id)
+            self.metrics.submitted.inc()
+            return record
         try:
             await self.queue.put(record.execution_id)
         except QueueFull:
@@ -147,6 +148,23 @@ class ExecutionService:
             )
             raise
         self.metrics.submitted.inc()
+        return record
+
+    async def _record(
+        self, job: Job, execution_id: str | None, claim: Claim | None
+    ) -> ExecutionRecord:
+        record = ExecutionRecord.new(job.to_dict(), execution_id, running=claim is not None)
+        try:
+            # Once the bus holds the project, the local copy goes, before any local worker
+            # could unpack the bus's copy into the same staging dir.
+            if await self.bus.ship_project(record.execution_id, job):
+                self._discard_staging(record.execution_id)
+        except BaseException:
+            self._discard_staging(record.execution_id)
+            raise
+        await self.store.create(record)
+        if self.queue.exclusive:
+            self._submitted[record.execution_id] = (record, job)
         return record
 
     async def run_sync(self, job: Job, execution_id: str | None = None) -> ExecutionRecord:
@@ -311,10 +329,13 @@ class ExecutionService:
 
     async def _execute(self, execution_id: str) -> None:
         record, job = self._submitted.pop(execution_id, (None, None))
-        if record is None:  # submitted on another node: the store has it
-            record = await self.store.get(execution_id)
-        # A kill while it waited changed the stored status: the compare-and-set fails then.
-        running = None if record is None else await self._start(record)
+        if record is not None and record.status == states.RUNNING:
+            running: ExecutionRecord | None = record  # submitted as running: a claimed slot
+        else:
+            if record is None:  # submitted on another node: the store has it
+                record = await self.store.get(execution_id)
+            # A kill while it waited changed the stored status: the compare-and-set fails.
+            running = None if record is None else await self._start(record)
         if running is None:
             await self._abandon(execution_id)
             return

@@ -16,6 +16,7 @@ Usage::
     await bus.start(on_kill=service.cancel_local, on_finished=service.notify_local)
     await queue.start(service.execute, service.lost)
     await queue.put("exe_...")
+    claim = queue.claim()                   # a local queue with a free slot: run at once
 """
 
 from __future__ import annotations
@@ -55,6 +56,19 @@ class JobQueue(Protocol):
         """Executions waiting (not yet handed to a worker)."""
 
     async def full(self) -> bool: ...
+
+    def claim(self) -> Claim | None:
+        """A slot for a run that starts at once, so that its caller records it as running
+        (one store write, no wait in the queue); None: ``put`` it. Only a queue whose
+        runs all happen in this process grants one."""
+
+
+class Claim(Protocol):
+    def start(self, execution_id: str) -> None:
+        """Run it now (its record exists, as running)."""
+
+    def release(self) -> None:
+        """Give the slot back unused."""
 
 
 class Bus(Protocol):

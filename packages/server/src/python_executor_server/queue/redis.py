@@ -190,6 +190,9 @@ class RedisQueue:
     async def full(self) -> bool:
         return await self.depth() >= self._max_queue
 
+    def claim(self) -> None:
+        return None  # every id goes through the shared list: any node may take it
+
     # --- consuming ------------------------------------------------------------
     async def _work(self, handler: Handler) -> None:
         while not cancel_requested():

@@ -68,12 +68,17 @@ class ExecutionRecord:
     peak_memory_mb: float | None = None
 
     @classmethod
-    def new(cls, request: Mapping[str, Any], execution_id: str | None = None) -> ExecutionRecord:
+    def new(
+        cls, request: Mapping[str, Any], execution_id: str | None = None, *, running: bool = False
+    ) -> ExecutionRecord:
+        """A pending record; ``running``: one that starts now (never pending)."""
+        now = utcnow()
         return cls(
             execution_id=execution_id or new_execution_id(),
-            status=ExecutionStatus.PENDING,
-            created_at=utcnow(),
+            status=ExecutionStatus.RUNNING if running else ExecutionStatus.PENDING,
+            created_at=now,
             request=dict(request),
+            started_at=now if running else None,
         )
 
     def evolve(self, **changes: Any) -> ExecutionRecord:
