@@ -429,41 +429,22 @@ class ExecutionService:
     async def _finish(
         self, running: ExecutionRecord, report: RunReport, capture: OutputCapture | None = None
     ) -> ExecutionRecord:
-        finished_at = utcnow()
-        started = running.started_at or finished_at
-        changes = dict(
-            exit_code=report.exit_code,
-            error=report.error,
-            error_type=report.error_type,
-            error_line=report.error_line,
-            result=report.result,
-            finished_at=finished_at,
-            duration_ms=int((finished_at - started).total_seconds() * 1000),
-            cpu_ms=report.cpu_ms,
-            peak_memory_mb=report.peak_memory_mb,
-        )
-        if capture is not None:
-            changes.update(
-                stdout=capture.text("stdout"),
-                stderr=capture.text("stderr"),
-                stdout_truncated=capture.truncated("stdout"),
-                stderr_truncated=capture.truncated("stderr"),
-            )
+        changed = running.evolve(status=report.status, **_final_changes(running, report, capture))
         if self.queue.exclusive and running.execution_id in self._waiters:
             # Nothing but this task writes a running record of this process's own queue:
             # the waiting request is answered first (its response goes out in the next
             # loop pass, before this task resumes), then the record is stored, before
             # anything its client sends next is read. A sync run's answer does not wait
             # for the store's write (docs/benchmarks.md).
-            self.notify_local(running.execution_id, running.evolve(status=report.status, **changes))
+            self.notify_local(running.execution_id, changed)
             try:
                 await asyncio.sleep(0)
             except asyncio.CancelledError:  # shutting down: the answer is out, store it
-                await self._transition(running, report.status, **changes)
+                await self._apply(running, changed)
                 raise
         final = None
         with contextlib.suppress(InvalidTransition):
-            final = await self._transition(running, report.status, **changes)
+            final = await self._apply(running, changed)
         self.metrics.finished.labels(status=report.status.value).inc()
         if final is None:  # someone else finished it first (a kill, a lost node): theirs stands
             final = await self.get(running.execution_id)
@@ -474,10 +455,17 @@ class ExecutionService:
         self, record: ExecutionRecord, target: ExecutionStatus, **changes: object
     ) -> ExecutionRecord | None:
         """The record as stored after the change, None if the stored status did not allow it."""
+        return await self._apply(record, record.evolve(status=target, **changes))
+
+    async def _apply(
+        self, record: ExecutionRecord, changed: ExecutionRecord
+    ) -> ExecutionRecord | None:
+        """``changed`` stored in place of ``record`` if the stored status is still one its
+        status may follow (compare-and-set): ``changed``, else None."""
+        target = changed.status
         sources = states.allowed_from(target)
         if record.status not in sources:
             raise InvalidTransition(f"{record.status.value} → {target.value} is not allowed")
-        changed = record.evolve(status=target, **changes)
         if await self.store.transition(record.execution_id, sources, changed):
             return changed
         return None
@@ -531,6 +519,32 @@ async def _settle(publishing: asyncio.Task[None]) -> None:
         publishing.cancel()
     elif not publishing.cancelled() and publishing.exception() is not None:
         log.warning("output publishing failed", error=str(publishing.exception()))
+
+
+def _final_changes(
+    running: ExecutionRecord, report: RunReport, capture: OutputCapture | None
+) -> dict[str, object]:
+    finished_at = utcnow()
+    started = running.started_at or finished_at
+    changes: dict[str, object] = dict(
+        exit_code=report.exit_code,
+        error=report.error,
+        error_type=report.error_type,
+        error_line=report.error_line,
+        result=report.result,
+        finished_at=finished_at,
+        duration_ms=int((finished_at - started).total_seconds() * 1000),
+        cpu_ms=report.cpu_ms,
+        peak_memory_mb=report.peak_memory_mb,
+    )
+    if capture is not None:
+        changes.update(
+            stdout=capture.text("stdout"),
+            stderr=capture.text("stderr"),
+            stdout_truncated=capture.truncated("stdout"),
+            stderr_truncated=capture.truncated("stderr"),
+        )
+    return changes
 
 
 def _unseen(full: str, seen: str) -> str:
