@@ -84,7 +84,9 @@ class LocalQueue:
             self._run(self._backlog.popleft())
 
     def _run(self, execution_id: str) -> None:
-        assert self._handler is not None
+        if self._handler is None:  # a claim used after ``close``: it stays unstarted
+            self._backlog.appendleft(execution_id)
+            return
         task = asyncio.ensure_future(self._handler(execution_id))
         self._running.add(task)
         task.add_done_callback(self._ended)
