@@ -215,21 +215,29 @@ def resolve(future: asyncio.Future[T], value: T) -> None:
 def _watch(fd: int, ended: Callable[[], bool], callback: Callable[[], None]) -> Callable[[], None]:
     """Check ``ended`` each time ``fd`` is readable; once it says so, stop and call
     ``callback``. Returns the stop function (idempotent; before ``fd`` is closed)."""
-    loop = asyncio.get_running_loop()
-    watching = True
-
-    def stop() -> None:
-        nonlocal watching
-        if watching:
-            watching = False
-            loop.remove_reader(fd)
 
     def check() -> None:
         if ended():
             stop()
             callback()
 
-    loop.add_reader(fd, check)
+    stop = _on_readable(fd, check)
+    return stop
+
+
+def _on_readable(fd: int, callback: Callable[[], None]) -> Callable[[], None]:
+    """``callback`` from the loop each time ``fd`` is readable; returns the function that
+    stops it (idempotent; call it before ``fd`` is closed)."""
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, callback)
+    registered = True
+
+    def stop() -> None:
+        nonlocal registered
+        if registered:
+            registered = False
+            loop.remove_reader(fd)
+
     return stop
 
 
@@ -382,14 +390,6 @@ def read_to_end(
     at the end (or a read error) stop and call ``at_end`` once. Returns the function
     that stops reading (idempotent; call it before ``fd`` is closed)."""
     os.set_blocking(fd, False)
-    loop = asyncio.get_running_loop()
-    reading = True
-
-    def stop() -> None:
-        nonlocal reading
-        if reading:
-            reading = False
-            loop.remove_reader(fd)
 
     def readable() -> None:
         try:
@@ -406,7 +406,7 @@ def read_to_end(
         stop()
         at_end(None)
 
-    loop.add_reader(fd, readable)
+    stop = _on_readable(fd, readable)
     return stop
 
 
