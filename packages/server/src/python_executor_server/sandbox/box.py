@@ -28,6 +28,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import anyio
 
@@ -46,6 +47,8 @@ from .process import (
     schedule,
     socket_of,
 )
+
+T = TypeVar("T")
 
 SIDE_CHANNEL_CAP = 1024 * 1024
 KILL_GRACE = 1.0  # after SIGKILL of the init, for bwrap to report and exit
@@ -130,81 +133,75 @@ class Box:
 
     async def run(self, spec: RunSpec, sink: OutputSink, job: bytes | None) -> RunOutcome:
         """Send ``job`` and ``spec.stdin``, wait for the end or the timeout, kill what is
-        left, drain the output. The timeout clock starts here."""
-        assert self.child is not None and self.pipes is not None
-        pipes = self.pipes
+        left, drain the output. The timeout clock starts here. (Reader callbacks, futures
+        and timers of the loop, not tasks: ``process.py``.)"""
         side = CappedBuffer(SIDE_CHANNEL_CAP)
         head = CappedBuffer(4096)  # bwrap's own error, if it fails
+        output = _Output(self._streams(sink, side, head), lambda: self._said_end(side))
+        feeding: list[asyncio.Task[None]] = []
+        timed_out = False
+        try:
+            if self.released:
+                feeding = self._send(spec, job)
+                timed_out = await self._until_over(spec.limits.timeout_seconds)
+            await self.terminate()
+            await output.drained(DRAIN_GRACE)
+        finally:
+            output.stop()
+            await _cancel(feeding)
+        output.raise_failure()
+        error = self._setup_error(bytes(head.data))
+        return self._outcome(timed_out, bytes(side.data), error)
+
+    def _streams(
+        self, sink: OutputSink, side: CappedBuffer, head: CappedBuffer
+    ) -> list[tuple[int, Callable[[bytes], None]]]:
+        assert self.pipes is not None
 
         def on_stderr(data: bytes) -> None:
             head(data)
             sink.write("stderr", data)
 
-        loop = asyncio.get_running_loop()
-        over: asyncio.Future[bool] = loop.create_future()  # True: the time limit came first
-        drained: asyncio.Future[None] = loop.create_future()
         streams: list[tuple[int, Callable[[bytes], None]]] = [
-            (pipes.out[0], lambda data: sink.write("stdout", data)),
-            (pipes.err[0], on_stderr),
+            (self.pipes.out[0], lambda data: sink.write("stdout", data)),
+            (self.pipes.err[0], on_stderr),
         ]
-        if pipes.result is not None:
-            streams.append((pipes.result[0], side))
-        left = len(streams)
-        failed: list[Exception] = []
+        if self.pipes.result is not None:
+            streams.append((self.pipes.result[0], side))
+        return streams
 
-        def at_end(error: Exception | None) -> None:
-            nonlocal left
-            if error is not None:
-                failed.append(error)
-            left -= 1
-            if left:
-                return
-            resolve(drained, None)
-            # A zygote's fork can end before its init reports: once the program said its
-            # exit code on the side channel and every copy of the output is closed.
-            if isinstance(self.child, StatusChild):
-                code = end_code(bytes(side.data))
-                if code is not None:
-                    self.child.end(code)  # (ends the wait for ``over``)
+    def _send(self, spec: RunSpec, job: bytes | None) -> list[asyncio.Task[None]]:
+        """The job and stdin on their way; the tasks still writing what did not fit."""
+        assert self.pipes is not None
+        pipes, loop = self.pipes, asyncio.get_running_loop()
+        feeding = []
+        rest = _send_now(pipes.job[0], job) if job is not None and pipes.job else b""
+        if rest and pipes.job is not None:
+            feeding.append(loop.create_task(feed(pipes.job[0], rest)))
+        if spec.stdin:
+            feeding.append(loop.create_task(self._feed_stdin(spec.stdin)))
+        else:
+            self.fds.close(pipes.stdin[1])  # EOF for the program at once
+        return feeding
 
-        # Reader callbacks and timers on the loop, not tasks (``process.py``).
-        stops = [read_to_end(fd, deliver, at_end) for fd, deliver in streams]
-        feeding: list[asyncio.Task[None]] = []
-        timed_out = False
+    async def _until_over(self, limit: float) -> bool:
+        """Wait for the run's end; True when the time limit came first."""
+        assert self.child is not None
+        over: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        stop = self.child.when_ended(lambda: resolve(over, False))
         try:
-            if self.released:
-                rest = _send_now(pipes.job[0], job) if job is not None and pipes.job else b""
-                if rest and pipes.job is not None:
-                    feeding.append(loop.create_task(feed(pipes.job[0], rest)))
-                if spec.stdin:
-                    feeding.append(loop.create_task(self._feed_stdin(spec.stdin)))
-                else:
-                    self.fds.close(pipes.stdin[1])  # EOF for the program at once
-                watch = self.child.when_ended(lambda: resolve(over, False))
-                timer = loop.call_later(spec.limits.timeout_seconds, resolve, over, True)
-                try:
-                    timed_out = await over
-                finally:
-                    timer.cancel()
-                    watch()
-            await self.terminate()
-            if not drained.done():
-                timer = loop.call_later(DRAIN_GRACE, resolve, drained, None)
-                try:
-                    await drained
-                finally:
-                    timer.cancel()
+            return await _first(over, limit, True)
         finally:
-            for stop in stops:
-                stop()
-            for task in feeding:
-                task.cancel()
-            if feeding:
-                await asyncio.gather(*feeding, return_exceptions=True)
-        if failed:
-            raise failed[0]
-        error = self._setup_error(bytes(head.data))
-        return self._outcome(timed_out, bytes(side.data), error)
+            stop()
+
+    def _said_end(self, side: CappedBuffer) -> None:
+        """Once the output is drained: a zygote's fork can end before its init reports,
+        when the program said its exit code on the side channel (``end_code``) and
+        every copy of its output is closed."""
+        if isinstance(self.child, StatusChild):
+            code = end_code(bytes(side.data))
+            if code is not None:
+                self.child.end(code)  # (ends ``_until_over``)
 
     async def _feed_stdin(self, data: bytes) -> None:
         assert self.pipes is not None
@@ -287,6 +284,58 @@ class Box:
             if self.slot is not None and cgroups is not None:
                 cgroups.release(self.slot)
             self.done.set()
+
+
+class _Output:
+    """A run's output streams, read to their ends by the loop (``read_to_end``);
+    ``on_drained`` once all are."""
+
+    def __init__(
+        self, streams: list[tuple[int, Callable[[bytes], None]]], on_drained: Callable[[], None]
+    ) -> None:
+        self._left = len(streams)
+        self._failed: list[Exception] = []
+        self._on_drained = on_drained
+        self._drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stops = [read_to_end(fd, deliver, self._at_end) for fd, deliver in streams]
+
+    def _at_end(self, error: Exception | None) -> None:
+        if error is not None:
+            self._failed.append(error)
+        self._left -= 1
+        if not self._left:
+            resolve(self._drained, None)
+            self._on_drained()
+
+    async def drained(self, within: float) -> None:
+        """Wait (up to ``within`` s) until every stream is at its end."""
+        if not self._drained.done():
+            await _first(self._drained, within, None)
+
+    def stop(self) -> None:
+        for stop in self._stops:
+            stop()
+
+    def raise_failure(self) -> None:
+        """A stream's own read error, as an awaited read's would be."""
+        if self._failed:
+            raise self._failed[0]
+
+
+async def _first(future: asyncio.Future[T], seconds: float, otherwise: T) -> T:
+    """``future``'s result, or ``otherwise`` (given to it) once ``seconds`` have passed."""
+    timer = asyncio.get_running_loop().call_later(seconds, resolve, future, otherwise)
+    try:
+        return await future
+    finally:
+        timer.cancel()
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _send_now(fd: int, data: bytes) -> bytes:
