@@ -644,6 +644,39 @@ async def test_failed_attach_is_a_clear_error_and_leaves_no_nat() -> None:
     assert second["leftover"] == set()
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("nft_seconds", [0, 0.5])
+async def test_a_firewall_that_fails_leaves_no_nat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, nft_seconds: float
+) -> None:
+    # The firewall and the NAT start together: when the firewall fails (here an nft that
+    # refuses, first on PATH), the NAT started beside it goes, still starting (0 s) or
+    # ready (0.5 s), and the sandbox gets no network from that attach.
+    fake = tmp_path / "nft"
+    fake.write_text(f"#!/bin/sh\nsleep {nft_seconds}\necho 'refused by the test' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    real_path = os.environ["PATH"]
+    seen: dict[str, object] = {}
+
+    async def attach_failing_then_real(pid: int, settings: Settings) -> NetworkAttachment:
+        before = set(_slirp_pids())
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{real_path}")
+        try:
+            await attach_network(pid, settings)
+        except SandboxError as exc:
+            seen["error"] = str(exc)
+        finally:
+            monkeypatch.setenv("PATH", real_path)
+        seen["leftover"] = set(_slirp_pids()) - before
+        return await attach_network(pid, settings)  # (tap0 went with the first NAT)
+
+    run = await run_sandbox("print('{}')", settings=Settings(), attach=attach_failing_then_real)
+    assert run.returncode == 0, run.stderr
+    assert "could not load the sandbox firewall" in str(seen["error"]), seen
+    assert "refused by the test" in str(seen["error"])
+    assert seen["leftover"] == set()
+
+
 @pytest.mark.timeout(30)
 async def test_refuses_the_servers_own_namespace() -> None:
     before = (await anyio.run_process(["nft", "list", "tables"])).stdout

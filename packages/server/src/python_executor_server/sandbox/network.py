@@ -22,6 +22,9 @@ Who runs what:
 - slirp's own subnet (10.0.2.0/24) is closed except DNS on 10.0.2.3:53 whatever
   the allow list says: slirp maps 10.0.2.2 to the host's loopback and
   10.0.2.3:<any port> to the host's resolver.
+- the firewall and the NAT are set up at the same time (the rules name no device
+  but ``lo``); the sandbox stays blocked until both are done, and a failed firewall
+  takes the NAT started beside it down.
 
 Usage::
 
@@ -34,6 +37,7 @@ Usage::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import ipaddress
@@ -116,8 +120,15 @@ async def attach_network(pid: int, settings: Settings) -> NetworkAttachment:
     netns_fd, userns_fd, owner = _open_namespaces(pid)
     try:
         await _wait_for_loopback(pid)
-        await _apply_firewall(tool, netns_fd, userns_fd, allow, deny)
-        attachment = await _start_nat(slirp, netns_fd, userns_fd, _nat_uid(owner))
+        # Both at once: neither needs the other (the rules name no device but lo), and
+        # the sandbox stays blocked until both are done.
+        nat = asyncio.ensure_future(_start_nat(slirp, netns_fd, userns_fd, _nat_uid(owner)))
+        try:
+            await _apply_firewall(tool, netns_fd, userns_fd, allow, deny)
+        except BaseException:
+            await _discard(nat)
+            raise
+        attachment = await nat
     finally:
         os.close(netns_fd)
         os.close(userns_fd)
@@ -130,6 +141,15 @@ async def attach_network(pid: int, settings: Settings) -> NetworkAttachment:
         ms=round(attachment.attach_seconds * 1000, 1),
     )
     return attachment
+
+
+async def _discard(nat: asyncio.Future[NetworkAttachment]) -> None:
+    """Stop a NAT started beside a firewall that failed (or was cancelled)."""
+    nat.cancel()
+    with anyio.CancelScope(shield=True):
+        done = await asyncio.gather(nat, return_exceptions=True)
+        if isinstance(done[0], NetworkAttachment):
+            await done[0].close()
 
 
 def network_status() -> dict[str, object]:
