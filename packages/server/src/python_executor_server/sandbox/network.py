@@ -272,9 +272,14 @@ async def _apply_firewall(
             jobs.append(([_find("ip6tables-restore") or "ip6tables-restore"], six))
     for command, rules in jobs:
         argv = [_find("nsenter") or "nsenter", *_nsenter_args(netns_fd, userns_fd), *command]
-        result = await anyio.run_process(
-            argv, input=rules.encode(), check=False, pass_fds=(netns_fd, userns_fd)
-        )
+        # The rules from a file, not a pipe: a tool that fails without reading them all
+        # is then judged by its exit status and its words, not by a broken pipe.
+        with tempfile.TemporaryFile() as rules_file:
+            rules_file.write(rules.encode())
+            rules_file.seek(0)
+            result = await anyio.run_process(
+                argv, stdin=rules_file, check=False, pass_fds=(netns_fd, userns_fd)
+            )
         if result.returncode != 0:
             detail = result.stderr.decode(errors="replace").strip()
             raise SandboxError(f"could not load the sandbox firewall ({tool}): {detail}")
