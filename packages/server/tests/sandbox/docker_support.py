@@ -35,9 +35,10 @@ def our_containers(api: Any, execution_id: str | None = None) -> list[dict[str, 
 
 
 def wait_gone(
-    api: Any, execution_id: str | None = None, timeout: float = 10
+    api: Any, execution_id: str | None = None, timeout: float = 30
 ) -> list[dict[str, Any]]:
-    """Our containers still there after ``timeout`` (auto-removal is asynchronous)."""
+    """Our containers still there after ``timeout`` (auto-removal is asynchronous: dockerd
+    once took over 10 s to finish removing one, "Removal In Progress", under CI load)."""
     deadline = time.monotonic() + timeout
     while (left := our_containers(api, execution_id)) and time.monotonic() < deadline:
         time.sleep(0.1)
