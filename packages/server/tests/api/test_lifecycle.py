@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,7 @@ from typing import Any
 import httpx2
 import pytest
 from api_helpers import eval_, post_exec, tar_of
+from redis_server import RedisServer
 from server_process import ServerProcess
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(180)]
@@ -180,6 +183,42 @@ def test_an_eval_answers_with_the_record_the_store_keeps(client: httpx2.Client) 
 def test_a_sync_answer_is_stored_before_the_next_request_is_read(client: httpx2.Client) -> None:
     # The answer goes out before the store's write (service._finish): a read the moment
     # it arrives, here or on another connection, must still find the record finished.
+    _answers_are_stored(client)
+
+
+@pytest.mark.redis
+def test_with_a_networked_store_the_answer_waits_for_its_write(
+    make_server: type[ServerProcess], tmp_path: Path
+) -> None:
+    # A Redis store's write can let a read in before it is done, so there the answer
+    # waits for it. Made visible: Redis holds writes (CLIENT PAUSE ... WRITE, reads go
+    # on) from the middle of each run until well after its end; an answer sent before
+    # the write would be read back as still running.
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    server_of_redis = RedisServer.start(tmp_path, binary)
+    try:
+        env = {"PYEXEC_STORE": "redis", "PYEXEC_REDIS_URL": server_of_redis.url}
+        server = make_server({**env, "PYEXEC_QUEUE": "local"}).start()
+        with httpx2.Client(base_url=server.url, timeout=60) as c:
+            with redis.Redis.from_url(server_of_redis.url) as r:
+                for i in range(3):
+                    pause = threading.Timer(0.15, r.client_pause, (400, False))
+                    pause.start()
+                    body = eval_(c, f"import time\ntime.sleep(0.3)\nprint({i})")
+                    pause.join()
+                    assert body["stdout"] == f"{i}\n", body
+                    assert c.get(f"/api/v1/executions/{body['execution_id']}").json() == body
+            _answers_are_stored(c)
+        server.stop()
+    finally:
+        server_of_redis.stop()
+
+
+def _answers_are_stored(client: httpx2.Client) -> None:
     with httpx2.Client(base_url=client.base_url, timeout=60) as other:
         for i in range(20):
             body = eval_(client, f"print({i})")

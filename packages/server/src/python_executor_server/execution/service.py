@@ -430,7 +430,7 @@ class ExecutionService:
         self, running: ExecutionRecord, report: RunReport, capture: OutputCapture | None = None
     ) -> ExecutionRecord:
         changed = running.evolve(status=report.status, **_final_changes(running, report, capture))
-        if self.queue.exclusive and running.execution_id in self._waiters:
+        if self._answer_first(running.execution_id):
             # Nothing but this task writes a running record of this process's own queue:
             # the waiting request is answered first (its response goes out in the next
             # loop pass, before this task resumes), then the record is stored, before
@@ -450,6 +450,12 @@ class ExecutionService:
             final = await self.get(running.execution_id)
         await self._announce_finished(running.execution_id, final)
         return final
+
+    def _answer_first(self, execution_id: str) -> bool:
+        """A request waits for this run here, only this process writes its record, and the
+        store writes without suspending: no read can come between the answer and the
+        write (a networked store's write would let one in)."""
+        return self.queue.exclusive and self.store.in_process and execution_id in self._waiters
 
     async def _transition(
         self, record: ExecutionRecord, target: ExecutionStatus, **changes: object

@@ -109,6 +109,10 @@ class ExecutionRecord:
 
 class StateStore(Protocol):
     name: str
+    # True: every call is done on the event loop without suspending (nothing else runs
+    # between a write's start and its end): a sync run may be answered before its last
+    # write (``ExecutionService._finish``). False: a call waits on the network.
+    in_process: bool
 
     async def open(self) -> None:
         """Connect / create the schema. Called once at start-up."""

@@ -25,6 +25,7 @@ def _position(record: ExecutionRecord) -> str:
 
 class MemoryStore:
     name = "memory"
+    in_process = True  # (its lock is never held across a suspension)
 
     def __init__(self) -> None:
         self._records: dict[str, ExecutionRecord] = {}

@@ -166,6 +166,7 @@ def _id_of(member: str) -> str:
 
 class RedisStore:
     name = "redis"
+    in_process = False
 
     def __init__(self, url: str, namespace: str = "pyexec") -> None:
         self.url = url

@@ -123,6 +123,7 @@ def _records(rows: Iterable[Iterable[Any]]) -> builtins.list[ExecutionRecord]:
 
 class SqliteStore:
     name = "sqlite"
+    in_process = True  # statements run on the loop's thread (module doc)
 
     def __init__(self, path: Path) -> None:
         self.path = path
