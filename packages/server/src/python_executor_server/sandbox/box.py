@@ -28,7 +28,6 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import anyio
 
@@ -44,11 +43,10 @@ from .process import (
     feed,
     read_to_end,
     resolve,
+    result_within,
     schedule,
     socket_of,
 )
-
-T = TypeVar("T")
 
 SIDE_CHANNEL_CAP = 1024 * 1024
 KILL_GRACE = 1.0  # after SIGKILL of the init, for bwrap to report and exit
@@ -190,7 +188,7 @@ class Box:
         over: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         stop = self.child.when_ended(lambda: resolve(over, False))
         try:
-            return await _first(over, limit, True)
+            return await result_within(over, limit, True)
         finally:
             stop()
 
@@ -310,7 +308,7 @@ class _Output:
     async def drained(self, within: float) -> None:
         """Wait (up to ``within`` s) until every stream is at its end."""
         if not self._drained.done():
-            await _first(self._drained, within, None)
+            await result_within(self._drained, within, None)
 
     def stop(self) -> None:
         for stop in self._stops:
@@ -320,15 +318,6 @@ class _Output:
         """A stream's own read error, as an awaited read's would be."""
         if self._failed:
             raise self._failed[0]
-
-
-async def _first(future: asyncio.Future[T], seconds: float, otherwise: T) -> T:
-    """``future``'s result, or ``otherwise`` (given to it) once ``seconds`` have passed."""
-    timer = asyncio.get_running_loop().call_later(seconds, resolve, future, otherwise)
-    try:
-        return await future
-    finally:
-        timer.cancel()
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

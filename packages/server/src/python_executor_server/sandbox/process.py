@@ -62,11 +62,13 @@ class Child:
             return _nothing
         assert self._pidfd is not None
 
-        def reaped() -> None:  # (the watch is off: the reap closes the pidfd)
+        def ended() -> None:  # a pidfd is readable once its process has exited
+            stop()  # (before the reap closes the pidfd)
             self._reap()
             callback()
 
-        return _watch(self._pidfd, _always, reaped)
+        stop = _on_readable(self._pidfd, ended)
+        return stop
 
     def exited(self) -> bool:
         """Without waiting: has it ended (reaped now if so)?"""
@@ -197,13 +199,19 @@ async def readable(fd: int, within: float | None = None) -> bool:
     loop = asyncio.get_running_loop()
     woken: asyncio.Future[bool] = loop.create_future()
     loop.add_reader(fd, resolve, woken, True)
-    timer = None if within is None else loop.call_later(max(within, 0), resolve, woken, False)
     try:
-        return await woken
+        return await (woken if within is None else result_within(woken, within, False))
     finally:
         loop.remove_reader(fd)
-        if timer is not None:
-            timer.cancel()
+
+
+async def result_within(future: asyncio.Future[T], seconds: float, otherwise: T) -> T:
+    """``future``'s result, or ``otherwise`` (given to it) once ``seconds`` have passed."""
+    timer = asyncio.get_running_loop().call_later(max(seconds, 0), resolve, future, otherwise)
+    try:
+        return await future
+    finally:
+        timer.cancel()
 
 
 def resolve(future: asyncio.Future[T], value: T) -> None:
@@ -243,10 +251,6 @@ def _on_readable(fd: int, callback: Callable[[], None]) -> Callable[[], None]:
 
 def _nothing() -> None:
     pass
-
-
-def _always() -> bool:  # a pidfd is readable once its process has exited
-    return True
 
 
 def _deadline(within: float | None) -> float | None:
