@@ -350,6 +350,29 @@ async def test_runs_the_pool_cannot_serve_go_cold(sandbox: Harness) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_taken_sandbox_is_replaced_while_its_run_runs(sandbox: Harness) -> None:
+    # Not after its answer, where the replacement's start would hold up the client's
+    # next request (docs/benchmarks.md).
+    settings = sandbox.settings
+    size = settings.pool_zygote_size if settings.pool_zygote else settings.pool_size
+    spec = driver_spec(sandbox, marker="x")
+    assert await sandbox.backend.wait_warm(spec, count=size)
+    pool = sandbox.backend._pool
+    assert pool is not None
+    async with anyio.create_task_group() as tg:
+        ended = anyio.Event()
+
+        async def long_run() -> None:
+            await run_driver(sandbox, "import time; time.sleep(4)", pooled=True)
+            ended.set()
+
+        tg.start_soon(long_run)
+        await eventually(lambda: pool.hits >= 1)  # taken
+        await eventually(lambda: pool.ready(next(iter(pool._keys))) == size, within=3.5)
+        assert not ended.is_set()
+
+
+@pytest.mark.timeout(60)
 async def test_the_pool_refills_and_describes_itself(sandbox: Harness) -> None:
     for _ in range(3):
         await run_driver(sandbox, "pass", pooled=True)

@@ -257,6 +257,11 @@ class BwrapBackend:
         key = self._key(spec)
         try:
             if entry is not None and entry.key == key and await self._adjust(entry.box, spec):
+                if self._pool is not None:  # (always so: ``entry`` came from it)
+                    # Its replacement starts once this task first waits: with the job
+                    # sent, while the program runs and the loop has nothing else to do.
+                    # After the answer, it would hold up a client's next request.
+                    asyncio.get_running_loop().call_soon(self._pool.refill, entry.key)
                 return await self._supervised(entry.box, spec, sink, None)
             if entry is not None:  # no longer fits, or died: its workspace runs cold
                 await self._release_box(entry.box)
@@ -265,8 +270,9 @@ class BwrapBackend:
             return await self._supervised(Box(), spec, sink, self._launch)
         finally:
             if key is not None and self._pool is not None:
-                # Once the run's answer is out (the runner removes the workspace then):
-                # a refill competes neither with the run nor with its answer.
+                # Once the workspace goes (the runner removes it after the answer): what
+                # failed or died meanwhile is replaced (a pooled run's own replacement
+                # started with the run; a cold one's with its miss).
                 self._refills[spec.workdir] = key
 
     async def _cold_copy(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
