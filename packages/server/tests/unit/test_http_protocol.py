@@ -1,4 +1,6 @@
-"""HttpProtocol: a big body is read 1 MiB at a time, requests after it at asyncio's default.
+"""HttpProtocol: a big body is read 1 MiB at a time, requests after it at asyncio's
+default; an early answer survives a client still sending; a response's head and body
+leave in one TCP segment.
 
 A real uvicorn server on 127.0.0.1 (in this process, on its own thread) runs an
 ASGI app that records the size of every body message it gets.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -124,3 +127,68 @@ def test_an_early_answer_survives_a_client_that_reads_only_after_sending() -> No
         server.should_exit = True
         thread.join(15)
     assert not thread.is_alive(), "the server did not stop (a lingering connection held it)"
+
+
+class Answers:
+    """Answers each request with a head and a body of ``size`` bytes, ``pause`` seconds
+    apart (0: in the same loop pass), as an app streaming its body would."""
+
+    def __init__(self, size: int, pause: float) -> None:
+        self.size, self.pause = size, pause
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        length = str(self.size).encode()
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-length", length)]}
+        )
+        if self.pause:
+            await asyncio.sleep(self.pause)
+        await send({"type": "http.response.body", "body": b"b" * self.size})
+
+
+def _data_segments_in(conn: socket.socket) -> int:
+    """``tcpi_data_segs_in`` of struct tcp_info (linux/tcp.h, Linux 4.6+)."""
+    info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 160)
+    return int(struct.unpack_from("I", info, 152)[0])
+
+
+def _segments_per_answer(app: Answers) -> list[int]:
+    server, thread, port = _serve(app)
+    try:
+        counts = []
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            for _ in range(5):
+                before = _data_segments_in(conn)
+                conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply = b""
+                while b"\r\n\r\n" not in reply or len(reply.split(b"\r\n\r\n", 1)[1]) < app.size:
+                    chunk = conn.recv(1 << 20)
+                    assert chunk, "the server closed the connection"
+                    reply += chunk
+                assert reply.startswith(b"HTTP/1.1 200 ")
+                assert reply.split(b"\r\n\r\n", 1)[1] == b"b" * app.size
+                counts.append(_data_segments_in(conn) - before)
+        return counts
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("size", "pause", "segments"),
+    [
+        pytest.param(700, 0, 1, id="head and body in one"),
+        pytest.param(700, 0.05, 2, id="a body that comes later: the head is not kept back"),
+    ],
+)
+def test_a_response_leaves_in_as_few_segments_as_it_can(
+    size: int, pause: float, segments: int
+) -> None:
+    assert _segments_per_answer(Answers(size, pause)) == [segments] * 5
+
+
+def test_a_big_body_is_sent_whole() -> None:
+    counts = _segments_per_answer(Answers(3 * MiB, 0))
+    assert all(count >= 2 for count in counts)  # (not one 3 MiB segment: just sent, and whole)

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, with two changes for big request bodies.
+"""uvicorn's httptools protocol, with two changes for big request bodies and one
+for small responses.
 
 **Reads of 1 MiB.** asyncio reads a socket 256 KiB at a time (``max_size`` of
 its selector transport), and uvicorn's cost for each read (parsing, flow
@@ -17,6 +18,15 @@ do, the connection is shut down for writing after the response (the client
 sees its end), and what still arrives is read and dropped until the client
 closes its side, nothing came for ``LINGER_IDLE`` seconds, or ``LINGER_MAX``
 seconds have passed; only then is the socket closed.
+
+**A response in one write.** uvicorn writes a response's head when the app
+starts it and its body when the app sends it: two ``send`` calls, so two TCP
+segments (the socket has ``TCP_NODELAY``) and, for a client already waiting,
+two wake-ups. The first write of a response is held until the next write (both
+then go out in one) or the end of the loop pass, whichever comes first: a head
+and body sent one after the other leave together; a head whose body is not
+ready yet (a stream) leaves at the end of the pass, as good as at once. Writes
+over ``HOLD_MAX`` bytes are not held.
 
 Transports without ``max_size`` or half-close (not asyncio's TCP selector
 transports) are left as they are.
@@ -37,11 +47,12 @@ DEFAULT_READ = 256 * 1024  # asyncio's selector transport's max_size
 BIG_READ = 1024 * 1024
 LINGER_IDLE = 2.0  # seconds without input that end a lingering close
 LINGER_MAX = 10.0  # seconds a lingering close lasts at most
+HOLD_MAX = 64 * 1024  # bytes of a write that may be held back (module doc)
 
 
 class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_LingeringClose(transport, self))  # type: ignore[arg-type]
+        super().connection_made(_Connection(transport, self))  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         size = getattr(self.transport, "max_size", None)
@@ -52,16 +63,49 @@ class HttpProtocol(HttpToolsProtocol):
         super().data_received(data)
 
 
-_OWN = ("_transport", "_protocol", "_lingering")
+_OWN = ("_transport", "_protocol", "_lingering", "_held")
 
 
-class _LingeringClose:
-    """The connection's transport as uvicorn sees it: ``close`` lingers (module doc)."""
+class _Connection:
+    """The connection's transport as uvicorn sees it: ``close`` lingers, and a response's
+    first write waits for its next one (module doc)."""
 
     def __init__(self, transport: asyncio.Transport, protocol: HttpProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
         self._lingering = False
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None and len(data) <= HOLD_MAX:  # the next write: both in one
+            self._held = None
+            self._transport.write(held + data)
+        elif held is not None or len(data) > HOLD_MAX or self._transport.is_closing():
+            self._flush()  # (a big write is not copied to go with what is held)
+            self._transport.write(data)
+        else:
+            self._held = bytes(data)
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def writelines(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            self._transport.write(held)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() + len(self._held or b"")
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -76,6 +120,7 @@ class _LingeringClose:
         return self._lingering or self._transport.is_closing()
 
     def close(self) -> None:
+        self._flush()  # (the response, before the end)
         transport = self._transport
         if self._lingering or transport.is_closing():
             return
