@@ -43,6 +43,33 @@ async def test_memory_bomb_is_oom_killed_with_peak_reported(sandbox: Harness) ->
     await _hello_still_works(sandbox)
 
 
+@pytest.mark.timeout(90)
+async def test_each_run_of_a_reused_cgroup_reports_its_own_usage(sandbox: Harness) -> None:
+    # A cgroup slot is reused run after run, its control files kept open (cgroups.py):
+    # every run's counters must be read afresh, never the previous run's.
+    hog = """
+        import time
+        block = bytearray(80 * 1024 * 1024)
+        end = time.process_time() + 0.4
+        while time.process_time() < end:
+            pass
+        """
+    bomb = "hog = []\nwhile True:\n    hog.append(bytearray(8 * 1024 * 1024))\n"
+    for _ in range(2):
+        big = await sandbox.run(hog, memory_mb=256)
+        assert big.outcome.exit_code == 0 and not big.outcome.oom_killed, big.stderr
+        assert big.outcome.peak_memory_mb is not None and big.outcome.peak_memory_mb >= 80
+        assert big.outcome.cpu_ms is not None and big.outcome.cpu_ms >= 350
+        small = await sandbox.run("print('small')", memory_mb=256)
+        assert small.outcome.exit_code == 0 and not small.outcome.oom_killed
+        assert small.outcome.peak_memory_mb is not None and small.outcome.peak_memory_mb < 60
+        assert small.outcome.cpu_ms is not None and small.outcome.cpu_ms < 300
+        killed = await sandbox.run(bomb, memory_mb=96)
+        assert killed.outcome.oom_killed
+        after = await sandbox.run("print('after')", memory_mb=96)
+        assert after.outcome.exit_code == 0 and not after.outcome.oom_killed
+
+
 @pytest.mark.timeout(60)
 async def test_memory_limit_covers_the_whole_process_tree(sandbox: Harness) -> None:
     # Four children of 48 MiB each: every one is under 128 MiB, the tree is not.

@@ -10,15 +10,18 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .instance import stale_instances
 from .mounts import mountinfo
 
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
+_READ_SIZE = 65536
 
 
 def write(path: str | Path, value: str) -> None:
@@ -41,17 +44,17 @@ def read(path: str | Path) -> str:
     return b"".join(chunks).decode()
 
 
-def read_int(path: str | Path) -> int | None:
+def read_int(path: str | Path, reader: Callable[[str | Path], str] = read) -> int | None:
     try:
-        return int(read(path).split()[0])
+        return int(reader(path).split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def keyed(path: str | Path, key: str) -> int | None:
+def keyed(path: str | Path, key: str, reader: Callable[[str | Path], str] = read) -> int | None:
     """``key value`` files: memory.oom_control, memory.events, cpu.stat."""
     try:
-        for line in read(path).splitlines():
+        for line in reader(path).splitlines():
             name, _, value = line.partition(" ")
             if name == key:
                 return int(value)
@@ -60,15 +63,59 @@ def keyed(path: str | Path, key: str) -> int | None:
     return None
 
 
-def procs(directory: Path) -> list[int]:
+def procs(directory: str | Path, reader: Callable[[str | Path], str] = read) -> list[int]:
     try:
-        return [int(x) for x in read(os.path.join(directory, "cgroup.procs")).split()]
+        return [int(x) for x in reader(os.path.join(directory, "cgroup.procs")).split()]
     except OSError:
         return []
 
 
-def signal_all(directory: Path, signum: int) -> None:
-    for pid in procs(directory):
+class ControlFiles:
+    """A slot's control files, each opened the first time it is used and kept open
+    until ``close``: a read or a write is then one syscall instead of three (open,
+    read or write, close). cgroupfs regenerates a file's content for every read at
+    offset 0; a write's offset does not matter. A file that is missing (no swap
+    accounting) stays missing, without another open."""
+
+    def __init__(self) -> None:
+        self._fds: dict[tuple[str | Path, int], int | None] = {}
+
+    def read(self, path: str | Path) -> str:
+        fd = self._fd(path, os.O_RDONLY)
+        chunks, offset = [], 0
+        while True:
+            chunk = os.pread(fd, _READ_SIZE, offset)
+            chunks.append(chunk)
+            if len(chunk) < _READ_SIZE:  # (a control file's read is short only at its end)
+                return b"".join(chunks).decode()
+            offset += len(chunk)
+
+    def write(self, path: str | Path, value: str) -> None:
+        os.pwrite(self._fd(path, os.O_WRONLY), value.encode(), 0)
+
+    def _fd(self, path: str | Path, mode: int) -> int:
+        key = (path, mode)
+        if key in self._fds:
+            fd = self._fds[key]
+        else:
+            try:
+                fd = self._fds[key] = os.open(path, mode | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._fds[key] = None
+                raise
+        if fd is None:
+            raise FileNotFoundError(errno.ENOENT, "no such control file", str(path))
+        return fd
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+
+
+def signal_all(directory: Path, signum: int, reader: Callable[[str | Path], str] = read) -> None:
+    for pid in procs(directory, reader):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
@@ -128,13 +175,14 @@ def reap_stale(tree: Path) -> None:
 class Written:
     """Control-file values this slot last wrote: unchanged ones are not written again."""
 
-    def __init__(self) -> None:
+    def __init__(self, writer: Callable[[str | Path, str], None] = write) -> None:
         self._values: dict[str | Path, str] = {}
+        self._write = writer
 
     def __call__(self, path: str | Path, value: str) -> None:
         if self._values.get(path) != value:
             self._values.pop(path, None)  # unknown if the write fails half-way
-            write(path, value)
+            self._write(path, value)
             self._values[path] = value
 
     def holds(self, path: str | Path, value: str) -> bool:

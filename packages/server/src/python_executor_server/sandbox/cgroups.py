@@ -82,7 +82,8 @@ class V1Slot:
     def __init__(self, dirs: dict[str, Path]) -> None:
         self.dirs = dirs  # controller -> directory (co-mounted controllers share one)
         self._oom_base = 0
-        self._set = fs.Written()
+        self._files = fs.ControlFiles()  # (v1 slots are reused: their files stay open)
+        self._set = fs.Written(self._files.write)
         self._paths: dict[tuple[str, str], str] = {}  # a few control files, each run
         self._procs_fds: list[int] = []
 
@@ -101,15 +102,19 @@ class V1Slot:
 
     def remove(self) -> None:
         _close_all(self._procs_fds)
+        self._files.close()
         for d in self._unique_dirs():
             fs.rmdir(d)
 
     def charged_bytes(self) -> int:
-        return fs.read_int(self._file("memory", "memory.usage_in_bytes")) or 0
+        return self._read_int("memory", "memory.usage_in_bytes") or 0
 
     def empty_charges(self) -> None:
         with contextlib.suppress(OSError):
-            fs.write(self._file("memory", "memory.force_empty"), "0")
+            self._files.write(self._file("memory", "memory.force_empty"), "0")
+
+    def _read_int(self, controller: str, name: str) -> int | None:
+        return fs.read_int(self._file(controller, name), self._files.read)
 
     def configure(self, limits: Limits, *, reset: bool = True) -> None:
         self._set_memory(str(limits.memory_mb * MIB))
@@ -124,7 +129,7 @@ class V1Slot:
         memsw = self._file("memory", "memory.memsw.limit_in_bytes")
         if self._set.holds(self._file("memory", "memory.limit_in_bytes"), limit):
             return
-        has_memsw = os.path.exists(memsw)
+        has_memsw = os.path.exists(memsw)  # (only when the limit changes)
         if has_memsw:  # memsw may never be below the memory limit: lift it first
             self._set(memsw, "-1")
         self._set(self._file("memory", "memory.limit_in_bytes"), limit)
@@ -134,15 +139,16 @@ class V1Slot:
     def _reset_counters(self) -> None:
         for name in ("memory.max_usage_in_bytes", "memory.failcnt", "memory.memsw.failcnt"):
             with contextlib.suppress(FileNotFoundError):
-                fs.write(self._file("memory", name), "0")
+                self._files.write(self._file("memory", name), "0")
         if "cpuacct" in self.dirs:
-            fs.write(self._file("cpuacct", "cpuacct.usage"), "0")
+            self._files.write(self._file("cpuacct", "cpuacct.usage"), "0")
         self._oom_base = self._oom_count()
 
     def _oom_count(self) -> int:
-        count = fs.keyed(self._file("memory", "memory.oom_control"), "oom_kill")
+        oom_control = self._file("memory", "memory.oom_control")
+        count = fs.keyed(oom_control, "oom_kill", self._files.read)
         if count is None:  # kernels before 4.13: hitting the limit is the best hint
-            count = fs.read_int(self._file("memory", "memory.memsw.failcnt")) or 0
+            count = self._read_int("memory", "memory.memsw.failcnt") or 0
         return count
 
     def add(self, pid: int) -> None:
@@ -155,19 +161,17 @@ class V1Slot:
         return self._procs_fds
 
     def pids(self) -> list[int]:
-        return fs.procs(self.dirs["pids"])
+        return fs.procs(self.dirs["pids"], self._files.read)
 
     def signal_all(self, signum: int) -> None:
-        fs.signal_all(self.dirs["pids"], signum)
+        fs.signal_all(self.dirs["pids"], signum, self._files.read)
 
     def kill_all(self) -> bool:
         return fs.kill_loop(self.dirs["pids"])
 
     def usage(self) -> Usage:
-        cpu_ns = (
-            fs.read_int(self._file("cpuacct", "cpuacct.usage")) if "cpuacct" in self.dirs else None
-        )
-        peak = fs.read_int(self._file("memory", "memory.max_usage_in_bytes"))
+        cpu_ns = self._read_int("cpuacct", "cpuacct.usage") if "cpuacct" in self.dirs else None
+        peak = self._read_int("memory", "memory.max_usage_in_bytes")
         return Usage(
             cpu_ms=None if cpu_ns is None else cpu_ns // 1_000_000,
             peak_memory_mb=None if peak is None else round(peak / MIB, 1),
@@ -202,8 +206,9 @@ class V1Cgroups:
     async def acquire(self) -> Slot:
         while self._free:
             slot = self._free.pop()
-            if slot.charged_bytes() > _DIRTY_BYTES:
-                await anyio.to_thread.run_sync(slot.empty_charges)
+            if slot.charged_bytes() <= _DIRTY_BYTES:
+                return slot
+            await anyio.to_thread.run_sync(slot.empty_charges)
             if slot.charged_bytes() <= _DIRTY_BYTES:
                 return slot
             self._retire(slot)  # charges held by files that still exist
