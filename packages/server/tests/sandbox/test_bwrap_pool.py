@@ -350,6 +350,24 @@ async def test_runs_the_pool_cannot_serve_go_cold(sandbox: Harness) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_sandbox_handed_out_but_never_run_is_replaced(sandbox: Harness) -> None:
+    # (A run that failed before it started: its workspace is removed unused.) Taken while
+    # still starting, too: the pool would otherwise stay one short until it runs dry.
+    settings = sandbox.settings
+    size = settings.pool_zygote_size if settings.pool_zygote else settings.pool_size
+    spec = driver_spec(sandbox, marker="x")
+    pool = sandbox.backend._pool
+    assert pool is not None
+    for wait_ready in (True, False):
+        if wait_ready:
+            assert await sandbox.backend.wait_warm(spec, count=size)
+        work = await sandbox.backend.create_workspace(spec.execution_id, 64, spec)
+        key = sandbox.backend._claimed[work].key
+        await sandbox.backend.remove_workspace(work)
+        await eventually(lambda k=key: pool.ready(k) == size)  # (not wait_warm: it refills)
+
+
+@pytest.mark.timeout(60)
 async def test_a_taken_sandbox_is_replaced_while_its_run_runs(sandbox: Harness) -> None:
     # Not after its answer, where the replacement's start would hold up the client's
     # next request (docs/benchmarks.md).

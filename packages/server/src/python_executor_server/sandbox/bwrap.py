@@ -233,7 +233,8 @@ class BwrapBackend:
         key = self._refills.pop(path, None)
         try:
             entry = self._claimed.pop(path, None)
-            if entry is not None:  # handed out, never run
+            if entry is not None:  # handed out, never run: destroyed, and replaced
+                key = entry.key
                 await self.destroy(entry)
             await self._blocking(self._workspaces.remove, path)
         finally:
