@@ -73,9 +73,11 @@ def procs(directory: str | Path, reader: Callable[[str | Path], str] = read) -> 
 class ControlFiles:
     """A slot's control files, each opened the first time it is used and kept open
     until ``close``: a read or a write is then one syscall instead of three (open,
-    read or write, close). cgroupfs regenerates a file's content for every read at
-    offset 0; a write's offset does not matter. A file that is missing (no swap
-    accounting) stays missing, without another open."""
+    read or write, close). cgroupfs regenerates a counter's or setting's content for
+    every read at offset 0; a write's offset does not matter. Not for cgroup.procs or
+    tasks: v1 keeps the pid list an open file read and serves it again for up to a
+    second. A file that is missing (no swap accounting) stays missing, without
+    another open."""
 
     def __init__(self) -> None:
         self._fds: dict[tuple[str | Path, int], int | None] = {}

@@ -160,11 +160,13 @@ class V1Slot:
             self._procs_fds = [_open_procs(d) for d in self._unique_dirs()]
         return self._procs_fds
 
+    # cgroup.procs is opened afresh for every read: v1 keeps the pid list it read for an
+    # open file and hands it out again to reads at offset 0 for up to a second.
     def pids(self) -> list[int]:
-        return fs.procs(self.dirs["pids"], self._files.read)
+        return fs.procs(self.dirs["pids"])
 
     def signal_all(self, signum: int) -> None:
-        fs.signal_all(self.dirs["pids"], signum, self._files.read)
+        fs.signal_all(self.dirs["pids"], signum)
 
     def kill_all(self) -> bool:
         return fs.kill_loop(self.dirs["pids"])
