@@ -258,10 +258,12 @@ class BwrapBackend:
         key = self._key(spec)
         try:
             if entry is not None and entry.key == key and await self._adjust(entry.box, spec):
-                if self._pool is not None:  # (always so: ``entry`` came from it)
-                    # Its replacement starts once this task first waits: with the job
-                    # sent, while the program runs and the loop has nothing else to do.
-                    # After the answer, it would hold up a client's next request.
+                if self._pool is not None and self._forking(entry.key) is not None:
+                    # A fork's replacement (a millisecond of the loop's time) starts once
+                    # this task first waits: with the job sent, while the program runs.
+                    # After the answer, it would hold up a client's next request. One
+                    # started by bwrap (network on) costs tens of milliseconds of CPU: it
+                    # would slow the run down, so it waits for the answer (below).
                     asyncio.get_running_loop().call_soon(self._pool.refill, entry.key)
                 return await self._supervised(entry.box, spec, sink, None)
             if entry is not None:  # no longer fits, or died: its workspace runs cold
@@ -271,9 +273,10 @@ class BwrapBackend:
             return await self._supervised(Box(), spec, sink, self._launch)
         finally:
             if key is not None and self._pool is not None:
-                # Once the workspace goes (the runner removes it after the answer): what
-                # failed or died meanwhile is replaced (a pooled run's own replacement
-                # started with the run; a cold one's with its miss).
+                # Once the workspace goes (the runner removes it after the answer): a
+                # bwrap-started sandbox's replacement, and what failed or died meanwhile
+                # (a forked one's replacement started with the run; a cold run's with
+                # its miss).
                 self._refills[spec.workdir] = key
 
     async def _cold_copy(self, spec: RunSpec, sink: OutputSink) -> RunOutcome:
