@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -80,6 +81,13 @@ def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        # The server leaves its run dir's empty skeleton (a run dir is normally a fixed
+        # one, used again); this one is the session's own. Empty dirs only: rmdir never
+        # goes through a mount.
+        run_dir = Path(f"/run/pyexec-client-{tag}")
+        for directory in (run_dir / ".sandbox", run_dir):
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)
 
 
 @pytest.fixture()

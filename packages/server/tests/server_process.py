@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,3 +81,25 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        self.remove_leftovers()
+
+    def remove_leftovers(self) -> None:
+        """What a server killed with SIGKILL leaves: its mounts and work dirs under its run
+        dir, its cgroups. A later server of the same run dir and cgroup root reaps them at
+        start (tested elsewhere); a test's are its own, so nothing else would."""
+        if os.geteuid() != 0:
+            return  # (its run dir is under the data dir; no cgroups)
+        from python_executor_server.sandbox.cgroupfs import reap_stale, rmdir, v1_mounts, v2_mount
+        from python_executor_server.sandbox.mounts import mount_points_under, unmount
+
+        run_dir = Path(f"/run/pyexec-test-{self.tag}")
+        for point in mount_points_under(run_dir):
+            unmount(point)
+        if not mount_points_under(run_dir):  # never through a mount that is still there
+            shutil.rmtree(run_dir, ignore_errors=True)
+        hierarchies = [*v1_mounts().values(), *filter(None, [v2_mount()])]
+        for tree in dict.fromkeys(h / f"pyexec-test-{self.tag}" for h in hierarchies):
+            if tree.is_dir():
+                reap_stale(tree)
+                with contextlib.suppress(OSError):
+                    rmdir(tree)
