@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -90,13 +89,9 @@ class ServerProcess:
         if os.geteuid() != 0:
             return  # (its run dir is under the data dir; no cgroups)
         from python_executor_server.sandbox.cgroupfs import reap_stale, rmdir, v1_mounts, v2_mount
-        from python_executor_server.sandbox.mounts import mount_points_under, unmount
+        from python_executor_server.sandbox.mounts import remove_tree
 
-        run_dir = Path(f"/run/pyexec-test-{self.tag}")
-        for point in mount_points_under(run_dir):
-            unmount(point)
-        if not mount_points_under(run_dir):  # never through a mount that is still there
-            shutil.rmtree(run_dir, ignore_errors=True)
+        remove_tree(Path(f"/run/pyexec-test-{self.tag}"))
         hierarchies = [*v1_mounts().values(), *filter(None, [v2_mount()])]
         for tree in dict.fromkeys(h / f"pyexec-test-{self.tag}" for h in hierarchies):
             if tree.is_dir():

@@ -63,9 +63,9 @@ def keyed(path: str | Path, key: str, reader: Callable[[str | Path], str] = read
     return None
 
 
-def procs(directory: str | Path, reader: Callable[[str | Path], str] = read) -> list[int]:
+def procs(directory: Path) -> list[int]:
     try:
-        return [int(x) for x in reader(os.path.join(directory, "cgroup.procs")).split()]
+        return [int(x) for x in read(os.path.join(directory, "cgroup.procs")).split()]
     except OSError:
         return []
 
@@ -116,8 +116,8 @@ class ControlFiles:
                 os.close(fd)
 
 
-def signal_all(directory: Path, signum: int, reader: Callable[[str | Path], str] = read) -> None:
-    for pid in procs(directory, reader):
+def signal_all(directory: Path, signum: int) -> None:
+    for pid in procs(directory):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 

@@ -5,13 +5,16 @@ Usage::
     mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=64m,mode=0700")
     bind_readonly(Path("/root/.pyenv/versions/3.12.1"), alias)
     unmount(path)          # lazily when busy; fine when it is not mounted
+    remove_tree(path)      # unmount what is below, then remove it
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -83,6 +86,16 @@ def mount_points_under(directory: Path) -> list[Path]:
     """Mount points strictly below ``directory``, deepest first."""
     found = {point for point, _, _ in mountinfo() if directory in point.parents}
     return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def remove_tree(directory: Path) -> None:
+    """Unmount whatever is mounted below ``directory``, then remove it, unless a mount
+    is still there: never through a live (bind) mount."""
+    for point in mount_points_under(directory):
+        with contextlib.suppress(OSError):
+            unmount(point)
+    if not mount_points_under(directory):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def traversable_by(path: Path, uid: int, gid: int) -> bool:

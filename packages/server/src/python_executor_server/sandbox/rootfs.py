@@ -24,13 +24,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from .base import SANDBOX_GID, SANDBOX_UID, SANDBOX_WORKDIR, Interpreter, Mount
 from .instance import stale_instances
-from .mounts import MS_BIND, bind_readonly, mount, mount_points_under, traversable_by, unmount
+from .mounts import MS_BIND, bind_readonly, mount, remove_tree, traversable_by, unmount
 
 HOSTNAME = "sandbox"
 DEV_SHM_BYTES = 64 * 1024 * 1024
@@ -173,7 +172,7 @@ class RootFs:
             with contextlib.suppress(OSError):
                 unmount(alias)
         self._aliases.clear()
-        _remove_state(self.state_dir)
+        remove_tree(self.state_dir)
 
 
 def _mirror(path: Path) -> list[str]:
@@ -185,15 +184,7 @@ def _mirror(path: Path) -> list[str]:
     return []
 
 
-def _remove_state(state_dir: Path) -> None:
-    for point in mount_points_under(state_dir):
-        with contextlib.suppress(OSError):
-            unmount(point)
-    if not mount_points_under(state_dir):  # never rmtree through a live bind mount
-        shutil.rmtree(state_dir, ignore_errors=True)
-
-
 def reap_stale_state(parent: Path) -> None:
     """Remove ``parent/<pid>-*`` state directories left by a server that died."""
     for d in stale_instances(parent):
-        _remove_state(d)
+        remove_tree(d)
