@@ -35,9 +35,13 @@ import sys
 
 _zygote_known = set(sys.modules)  # what a run has loaded by now; the rest is the zygote's
 
+# The C modules, not signal.py and socket.py: those import enum, selectors, collections
+# and more (25 modules with ctypes'), which every run would have to drop again and whose
+# objects it would touch doing so (each touched page a copy; about a fifth of a run's
+# page faults).
+import _signal as signal  # noqa: E402
+import _socket as socket  # noqa: E402
 import ctypes  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
