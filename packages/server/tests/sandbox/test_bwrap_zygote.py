@@ -11,11 +11,14 @@ behaviour (limits, timeouts, output, what a run sees) over the same path.
 
 from __future__ import annotations
 
+import array
 import json
 import os
+import re
 import resource
 import shutil
 import signal
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +35,7 @@ from bwrap_harness import (
 from python_executor_server.sandbox import native
 from python_executor_server.sandbox.base import CollectedOutput, Interpreter
 from python_executor_server.sandbox.workspace import DETACHED_PREFIX
+from python_executor_server.sandbox.zygote import Zygote
 from python_executor_server.settings import Settings
 from test_seccomp import PROBE_PROGRAM, PROBES
 
@@ -226,6 +230,106 @@ async def test_a_zygote_that_dies_is_replaced(sandbox: Harness) -> None:
         assert ran.stdout == "still served\n"
     await eventually(lambda: sandbox.backend._zygotes and sandbox.backend._zygotes._zygotes)
     assert the_zygote(sandbox) != old
+
+
+def the_zygote_record(harness: Harness) -> Zygote:
+    zygotes = harness.backend._zygotes
+    assert zygotes is not None
+    (zygote,) = zygotes._zygotes.values()
+    return zygote
+
+
+def children(pid: int) -> dict[int, str]:
+    """A process's children and their states (R, S, Z, ...)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    states = {}
+    for child in pids:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                states[child] = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            pass  # reaped meanwhile
+    return states
+
+
+def virtual_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        (line,) = [x for x in f if x.startswith("VmSize:")]
+    return int(line.split()[1]) * 1024
+
+
+def native_stack_size() -> int:
+    found = re.search(r"#define ZY_STACK \((\d+) \* 1024\)", native.SOURCE.read_text())
+    assert found is not None
+    return int(found[1]) * 1024
+
+
+@pytest.mark.timeout(120)
+async def test_the_zygote_reaps_its_runs_and_unmaps_their_stacks(sandbox: Harness) -> None:
+    """Each run's init (G) is the zygote's child with a stack of its own: once it has
+    ended, the zygote reaps it and unmaps the stack (at its next request), so that
+    nothing piles up in the zygote however many runs it makes."""
+    assert (await run_driver(sandbox, "print('first')", pooled=True)).stdout == "first\n"
+    zygote = the_zygote(sandbox)
+    pool = sandbox.backend._pool
+    assert pool is not None
+    rest = []  # the zygote's size without its runs' stacks, after each batch
+    for batch in range(2):
+        for i in range(12):
+            ran = await run_driver(sandbox, f"print({i})", pooled=True)
+            assert (ran.outcome.exit_code, ran.stdout) == (0, f"{i}\n"), ran.stderr
+        await eventually(lambda: sum(len(s.idle) for s in pool._keys.values()) >= 1)
+        states = children(zygote)
+        ended = [pid for pid, state in states.items() if state == "Z"]
+        # The forks waiting in the pool are alive; of the runs' inits at most the last
+        # one or two (ended after the zygote's last request) are not reaped yet.
+        assert len(ended) <= 2, (batch, states)
+        rest.append(virtual_size(zygote) - len(states) * native_stack_size())
+    assert rest[1] == rest[0]  # a stack for each init not reaped yet, nothing more
+    assert the_zygote(sandbox) == zygote
+
+
+@pytest.mark.timeout(90)
+async def test_a_request_the_zygote_cannot_take_makes_no_run(sandbox: Harness) -> None:
+    """Malformed fork requests: the zygote says why, makes no run, closes the fds that
+    came with each, and serves the next request."""
+    assert (await run_driver(sandbox, "print('warm')", pooled=True)).stdout == "warm\n"
+    record = the_zygote_record(sandbox)
+    zygote = the_zygote(sandbox)
+    before, said = set(children(zygote)), record.said.count(b"zygote: ")
+    good = "hostname=x\njob_fd=5\nfd.job=0\nfd.status=1\nfd.workspace=2\ntarget.0=job"
+    bad = {
+        "no '='": "hostname=x\njob_fd\nfd.job=0",
+        "no status": "hostname=x\njob_fd=5\nfd.job=0\nfd.workspace=2",
+        "fd index": good.replace("fd.workspace=2", "fd.workspace=9"),
+        "target": good + "\ntarget.1=nothing",
+        "rlimits": good + "".join(f"\nrlimit.{i}=1" for i in range(17)),
+        "cgroups": good + "".join(f"\nfd.cgroup{i}=0" for i in range(9)),
+        "bpf size": good + "\n\n" + "x" * 7,
+    }
+    for why, header in bad.items():
+        pairs = [socket.socketpair() for _ in range(3)]
+        message = header.encode() if "\n\n" in header else header.encode() + b"\n\n"
+        rights = array.array("i", [b.fileno() for _, b in pairs])
+        record.control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, rights)])
+        for a, b in pairs:
+            b.close()
+            a.settimeout(10)
+            assert a.recv(1) == b"", why  # the zygote closed its copy: no run holds it
+            a.close()
+    await eventually(lambda: record.said.count(b"zygote: ") - said == len(bad))
+    pool = sandbox.backend._pool
+    assert pool is not None
+
+    def only_refills() -> bool:  # (the pool's refills after the warm run may come late)
+        inits = {e.box.init.pid for st in pool._keys.values() for e in st.idle if e.box.init}
+        return set(children(zygote)) - before <= inits
+
+    await eventually(only_refills)
+    ran = await run_driver(sandbox, "print('still served')", pooled=True)
+    assert (ran.outcome.exit_code, ran.stdout) == (0, "still served\n"), ran.stderr
+    assert the_zygote(sandbox) == zygote
 
 
 @pytest.mark.timeout(60)

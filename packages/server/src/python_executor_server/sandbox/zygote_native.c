@@ -1,5 +1,6 @@
-/* The zygote's native part (see _zygote_main.py and zygote.py): one call, zy_spawn, makes a
- * run's two processes, G (pid 1 of the run's namespaces) and H (pid 2, the program), at the
+/* The zygote's native part (see _zygote_main.py and zygote.py): its loop, zy_serve, reads
+ * the host's fork requests and returns only in each run's program; zy_spawn makes a run's
+ * two processes, G (pid 1 of the run's namespaces) and H (pid 2, the program), at the
  * price of one copy of the interpreter instead of two.
  *
  *   zygote --clone(CLONE_VM | new namespaces)--> G --fork--> H
@@ -35,6 +36,8 @@
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -49,6 +52,10 @@
 #define ZY_STACK (256 * 1024)
 #define ZY_MAX_RLIMITS 16
 #define ZY_MAX_CGROUPS 8
+#define ZY_MAX_FDS 64              /* fds one request carries */
+#define ZY_MAX_TARGETS 16          /* fds the program gets at set numbers */
+#define ZY_MAX_MESSAGE (1 << 16)   /* a request's bytes */
+#define ZY_MAX_BPF 4096            /* BPF_MAXINSNS */
 
 #ifndef SYS_open_tree
 #define SYS_open_tree 428
@@ -76,16 +83,13 @@ struct zy_request {
     const void *bpf; /* struct sock_filter[bpf_len], or NULL */
     unsigned int bpf_len;
     /* set by zy_spawn */
-    void *stack;          /* G's: the caller unmaps it (zy_stack_size bytes) once G is reaped */
+    void *stack;          /* G's: zy_serve unmaps it (ZY_STACK bytes) once G is reaped */
     char error[160];      /* why a setup step failed, when zy_spawn returns < 0 */
     /* private */
     void *jump[5];        /* __builtin_setjmp: where H resumes */
     sigset_t mask;        /* the caller's signal mask, H's again before it resumes */
     int sync[2];          /* G -> zygote: H has been forked */
 };
-
-unsigned long zy_stack_size(void) { return ZY_STACK; }
-unsigned long zy_request_size(void) { return sizeof(struct zy_request); }
 
 /* ---- raw system calls (G, while it shares the zygote's memory) ---------------------- */
 
@@ -375,4 +379,277 @@ long zy_spawn(struct zy_request *req) {
     req->stack = stack;
     pthread_sigmask(SIG_SETMASK, &req->mask, NULL);
     return g;
+}
+
+/* ---- the zygote's loop ---------------------------------------------------------------- */
+
+/* Serving requests in C leaves the zygote's Python objects alone: each page the zygote
+   writes after a fork is copied while a run forked before still shares it, and a loop in
+   Python (the request parsed into a dict, a ctypes structure built, a signal handler
+   run per exit) wrote about a hundred pages per run. Called with the GIL held (through
+   ctypes.PyDLL): the interpreter's fork hooks are called around each fork, as os.fork()
+   calls them. */
+
+struct zy_run {
+    pid_t pid;   /* G */
+    void *stack; /* its stack, unmapped once it is reaped */
+};
+
+static struct zy_run *zy_runs;
+static size_t zy_n_runs, zy_cap_runs;
+
+static void zy_say(const char *what, const char *detail) {
+    char line[300];
+    size_t n = 0;
+    for (const char *p = "zygote: "; *p; p++) line[n++] = *p;
+    for (const char *p = what; *p && n < sizeof line - 100; p++) line[n++] = *p;
+    if (detail != NULL) {
+        line[n++] = ':';
+        line[n++] = ' ';
+        for (const char *p = detail; *p && n < sizeof line - 2; p++) line[n++] = *p;
+    }
+    line[n++] = '\n';
+    (void)!write(2, line, n);
+}
+
+static void zy_reap(void) {
+    for (;;) {
+        pid_t pid = waitpid(-1, NULL, WNOHANG);
+        if (pid <= 0) return;
+        for (size_t i = 0; i < zy_n_runs; i++) {
+            if (zy_runs[i].pid == pid) {
+                munmap(zy_runs[i].stack, ZY_STACK);
+                zy_runs[i] = zy_runs[--zy_n_runs];
+                break;
+            }
+        }
+    }
+}
+
+static int zy_remember(pid_t pid, void *stack) {
+    if (zy_n_runs == zy_cap_runs) {
+        size_t cap = zy_cap_runs ? 2 * zy_cap_runs : 64;
+        struct zy_run *grown = realloc(zy_runs, cap * sizeof *grown);
+        if (grown == NULL) return -1;
+        zy_runs = grown;
+        zy_cap_runs = cap;
+    }
+    zy_runs[zy_n_runs].pid = pid;
+    zy_runs[zy_n_runs].stack = stack;
+    zy_n_runs++;
+    return 0;
+}
+
+/* A request: "key=value" lines, a blank line, the BPF program; the fds by index. */
+struct zy_parsed {
+    int job_at;                      /* job_fd=N: the job socket's number in the program */
+    int n_named;
+    const char *name[ZY_MAX_FDS];    /* fd.NAME=I */
+    int fd[ZY_MAX_FDS];
+    int n_targets;
+    int target[ZY_MAX_TARGETS];      /* target.N=NAME: the program's fd N is NAME's */
+    const char *target_name[ZY_MAX_TARGETS];
+};
+
+static int zy_number(const char *text, long long *out) {
+    char *end;
+    if (*text == 0) return -1;
+    errno = 0;
+    long long value = strtoll(text, &end, 10);
+    if (*end != 0 || errno != 0) return -1;
+    *out = value;
+    return 0;
+}
+
+static int zy_fd_of(const struct zy_parsed *parsed, const char *name) {
+    for (int i = 0; i < parsed->n_named; i++)
+        if (strcmp(parsed->name[i], name) == 0) return parsed->fd[i];
+    return -1;
+}
+
+static struct sock_filter zy_bpf[ZY_MAX_BPF];
+
+/* NULL when the request is one the zygote can make a run of; else why not. */
+static const char *zy_parse(char *data, size_t size, const int *fds, int n_fds,
+                            struct zy_request *req, struct zy_parsed *parsed) {
+    char *header = data, *bpf = data + size, *end = data + size;
+    for (char *p = data; p + 1 < end; p++) {
+        if (p[0] == '\n' && p[1] == '\n') {
+            *p = 0;
+            bpf = p + 2;
+            break;
+        }
+    }
+    if (bpf == end) *end = 0; /* no program: the whole message is the header */
+    memset(parsed, 0, sizeof *parsed);
+    parsed->job_at = -1;
+    req->hostname[0] = 0;
+    for (char *line = header; line != NULL && *line;) {
+        char *next = strchr(line, '\n');
+        if (next != NULL) *next++ = 0;
+        char *value = strchr(line, '=');
+        if (value == NULL) return "a line without '='";
+        *value++ = 0;
+        long long number;
+        if (strcmp(line, "hostname") == 0) {
+            if (strlen(value) >= sizeof req->hostname) return "hostname too long";
+            strcpy(req->hostname, value);
+        } else if (strcmp(line, "job_fd") == 0) {
+            if (zy_number(value, &number) != 0 || number < 0 || number > 1 << 20)
+                return "bad job_fd";
+            parsed->job_at = (int)number;
+        } else if (strncmp(line, "fd.", 3) == 0) {
+            if (zy_number(value, &number) != 0 || number < 0 || number >= n_fds)
+                return "an fd index out of range";
+            if (parsed->n_named == ZY_MAX_FDS) return "too many fds";
+            parsed->name[parsed->n_named] = line + 3;
+            parsed->fd[parsed->n_named++] = fds[number];
+        } else if (strncmp(line, "target.", 7) == 0) {
+            if (zy_number(line + 7, &number) != 0 || number < 0 || number > 1 << 20)
+                return "bad target";
+            if (parsed->n_targets == ZY_MAX_TARGETS) return "too many targets";
+            parsed->target[parsed->n_targets] = (int)number;
+            parsed->target_name[parsed->n_targets++] = value;
+        } else if (strncmp(line, "rlimit.", 7) == 0) {
+            long long which;
+            char *rest;
+            errno = 0;
+            unsigned long long limit = strtoull(value, &rest, 10);
+            if (zy_number(line + 7, &which) != 0 || *value == 0 || *rest != 0 || errno != 0)
+                return "bad rlimit";
+            if (req->n_rlimits == ZY_MAX_RLIMITS)
+                return "more cgroups or rlimits than a request holds";
+            req->rlimit_which[req->n_rlimits] = (int)which;
+            req->rlimit_value[req->n_rlimits++] = limit;
+        }
+        line = next;
+    }
+    req->job_fd = zy_fd_of(parsed, "job");
+    req->status_fd = zy_fd_of(parsed, "status");
+    req->workspace_fd = zy_fd_of(parsed, "workspace");
+    if (req->job_fd < 0 || req->status_fd < 0 || req->workspace_fd < 0 || parsed->job_at < 0)
+        return "no job, status or workspace fd";
+    for (int i = 0; i < parsed->n_named; i++) {
+        if (strncmp(parsed->name[i], "cgroup", 6) != 0) continue;
+        if (req->n_cgroup_fds == ZY_MAX_CGROUPS)
+            return "more cgroups or rlimits than a request holds";
+        req->cgroup_fds[req->n_cgroup_fds++] = parsed->fd[i];
+    }
+    for (int i = 0; i < parsed->n_targets; i++)
+        if (zy_fd_of(parsed, parsed->target_name[i]) < 0) return "a target names no fd";
+    size_t bpf_size = (size_t)(end - bpf);
+    if (bpf_size % sizeof(struct sock_filter) != 0 || bpf_size > sizeof zy_bpf)
+        return "a BPF program of a bad size";
+    if (bpf_size > 0) {
+        memcpy(zy_bpf, bpf, bpf_size); /* (aligned) */
+        req->bpf = zy_bpf;
+        req->bpf_len = (unsigned int)(bpf_size / sizeof(struct sock_filter));
+    }
+    return NULL;
+}
+
+/* H: the fds of a program bwrap would have started (the targets at their numbers, nothing
+   else) and /work as its cwd. */
+static void zy_program_fds(const struct zy_parsed *parsed, int high) {
+    int moved[ZY_MAX_TARGETS], order[ZY_MAX_TARGETS];
+    for (int i = 0; i < parsed->n_targets; i++) {
+        if (parsed->target[i] >= high) high = parsed->target[i] + 1;
+    }
+    for (int i = 0; i < parsed->n_targets; i++) { /* above every number first */
+        moved[i] = fcntl(zy_fd_of(parsed, parsed->target_name[i]), F_DUPFD_CLOEXEC, high);
+        h_check(moved[i], "move an fd");
+    }
+    for (int i = 0; i < parsed->n_targets; i++)
+        h_check(dup2(moved[i], parsed->target[i]), "place an fd"); /* inheritable */
+    int n = parsed->n_targets;
+    for (int i = 0; i < n; i++) order[i] = parsed->target[i];
+    for (int i = 1; i < n; i++) /* (insertion sort: a handful) */
+        for (int j = i; j > 0 && order[j - 1] > order[j]; j--) {
+            int t = order[j];
+            order[j] = order[j - 1];
+            order[j - 1] = t;
+        }
+    unsigned int start = 0;
+    for (int i = 0; i < n; i++) {
+        if (start < (unsigned int)order[i])
+            h_check(syscall(SYS_close_range, start, order[i] - 1, 0), "close_range");
+        start = (unsigned int)order[i] + 1;
+    }
+    h_check(syscall(SYS_close_range, start, ~0U, 0), "close_range");
+    h_check(chdir("/work"), "chdir /work");
+}
+
+/* Serve fork requests on ``control`` until the host closes it: 1 then; -errno when it
+   cannot be read; 0 in each run (H), its setup done, its fds in place (``*job_at`` its
+   job socket's number). */
+long zy_serve(int control, void (*before)(void), void (*parent)(void), void (*child)(void),
+              int *job_at) {
+    static char data[ZY_MAX_MESSAGE + 1];
+    static struct zy_request req;
+    static struct zy_parsed parsed;
+    union {
+        char space[CMSG_SPACE(ZY_MAX_FDS * sizeof(int))];
+        struct cmsghdr align;
+    } control_data;
+    char detail[200];
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) return -errno;
+    /* G shares our memory: nothing of the run may read it (ptrace, /proc/1/mem); H, which
+       gets a copy, makes itself dumpable again (as any process is). */
+    char uid_map[64], gid_map[64];
+    int uid = (int)getuid(), gid = (int)getgid();
+    snprintf(uid_map, sizeof uid_map, "%d %d 1", uid, uid);
+    snprintf(gid_map, sizeof gid_map, "%d %d 1", gid, gid);
+    for (;;) {
+        zy_reap();
+        struct iovec iov = {data, ZY_MAX_MESSAGE};
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control_data.space;
+        msg.msg_controllen = sizeof control_data.space;
+        ssize_t size = recvmsg(control, &msg, MSG_CMSG_CLOEXEC);
+        if (size < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (size == 0) return 1; /* the host is gone or closed us */
+        int fds[ZY_MAX_FDS], n_fds = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&msg); c != NULL; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+            int count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+            for (int i = 0; i < count && n_fds < ZY_MAX_FDS; i++)
+                memcpy(&fds[n_fds++], CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        }
+        memset(&req, 0, sizeof req);
+        const char *bad = (msg.msg_flags & (MSG_TRUNC | MSG_CTRUNC))
+                              ? "a request larger than the zygote takes"
+                              : zy_parse(data, (size_t)size, fds, n_fds, &req, &parsed);
+        if (bad != NULL) {
+            /* (none may be left out; the host sees the job socket close: no sandbox) */
+            zy_say(bad, NULL);
+        } else {
+            strcpy(req.uid_map, uid_map);
+            strcpy(req.gid_map, gid_map);
+            before();
+            long pid = zy_spawn(&req);
+            if (pid == 0) { /* H */
+                child();
+                int high = control + 1;
+                for (int i = 0; i < n_fds; i++)
+                    if (fds[i] >= high) high = fds[i] + 1;
+                zy_program_fds(&parsed, high);
+                *job_at = parsed.job_at;
+                return 0;
+            }
+            parent();
+            if (pid > 0) {
+                if (zy_remember((pid_t)pid, req.stack) != 0) zy_say("no memory", NULL);
+            } else {
+                snprintf(detail, sizeof detail, "%s", strerror((int)-pid));
+                zy_say(req.error, detail);
+            }
+        }
+        for (int i = 0; i < n_fds; i++) close(fds[i]); /* (closed already if attached) */
+    }
 }
