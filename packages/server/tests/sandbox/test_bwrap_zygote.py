@@ -267,26 +267,27 @@ def native_stack_size() -> int:
 
 @pytest.mark.timeout(120)
 async def test_the_zygote_reaps_its_runs_and_unmaps_their_stacks(sandbox: Harness) -> None:
-    """Each run's init (G) is the zygote's child with a stack of its own: once it has
-    ended, the zygote reaps it and unmaps the stack (at its next request), so that
+    """Each run's init (G) is the zygote's child with a stack of its own: as it ends, the
+    zygote reaps it (no zombie waits for the next request) and unmaps the stack, so that
     nothing piles up in the zygote however many runs it makes."""
     assert (await run_driver(sandbox, "print('first')", pooled=True)).stdout == "first\n"
     zygote = the_zygote(sandbox)
     pool = sandbox.backend._pool
     assert pool is not None
+
+    def settled() -> dict[int, str] | None:  # every child alive: the pool's forks
+        states = children(zygote)
+        ready = sum(len(s.idle) for s in pool._keys.values())
+        return states if ready >= 1 and "Z" not in states.values() else None
+
     rest = []  # the zygote's size without its runs' stacks, after each batch
-    for batch in range(2):
+    for _ in range(2):
         for i in range(12):
             ran = await run_driver(sandbox, f"print({i})", pooled=True)
             assert (ran.outcome.exit_code, ran.stdout) == (0, f"{i}\n"), ran.stderr
-        await eventually(lambda: sum(len(s.idle) for s in pool._keys.values()) >= 1)
-        states = children(zygote)
-        ended = [pid for pid, state in states.items() if state == "Z"]
-        # The forks waiting in the pool are alive; of the runs' inits at most the last
-        # one or two (ended after the zygote's last request) are not reaped yet.
-        assert len(ended) <= 2, (batch, states)
+        states = await eventually(settled, within=10)
         rest.append(virtual_size(zygote) - len(states) * native_stack_size())
-    assert rest[1] == rest[0]  # a stack for each init not reaped yet, nothing more
+    assert rest[1] == rest[0]  # a stack for each init alive, nothing more
     assert the_zygote(sandbox) == zygote
 
 

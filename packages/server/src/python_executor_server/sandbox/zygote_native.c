@@ -33,6 +33,7 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <net/if.h>
+#include <poll.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
@@ -65,6 +66,9 @@
 #endif
 #ifndef SYS_close_range
 #define SYS_close_range 436
+#endif
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
 #endif
 
 struct zy_request {
@@ -392,11 +396,18 @@ long zy_spawn(struct zy_request *req) {
 
 struct zy_run {
     pid_t pid;   /* G */
+    int pidfd;   /* readable once G has ended; -1 if none could be had */
     void *stack; /* its stack, unmapped once it is reaped */
 };
 
+/* Pidfds kept at most: the rest of the zygote's fds (RLIMIT_NOFILE is the runs') must
+   stay free for the fds each request brings; a run beyond it is reaped at a request. */
+#define ZY_MAX_PIDFDS 256
+
 static struct zy_run *zy_runs;
 static size_t zy_n_runs, zy_cap_runs;
+static struct pollfd *zy_polled;
+static size_t zy_cap_polled;
 
 static void zy_say(const char *what, const char *detail) {
     char line[300];
@@ -412,6 +423,7 @@ static void zy_say(const char *what, const char *detail) {
     (void)!write(2, line, n);
 }
 
+/* Reap every run's init that has ended; unmap its stack. */
 static void zy_reap(void) {
     for (;;) {
         pid_t pid = waitpid(-1, NULL, WNOHANG);
@@ -419,6 +431,7 @@ static void zy_reap(void) {
         for (size_t i = 0; i < zy_n_runs; i++) {
             if (zy_runs[i].pid == pid) {
                 munmap(zy_runs[i].stack, ZY_STACK);
+                if (zy_runs[i].pidfd >= 0) close(zy_runs[i].pidfd);
                 zy_runs[i] = zy_runs[--zy_n_runs];
                 break;
             }
@@ -434,10 +447,42 @@ static int zy_remember(pid_t pid, void *stack) {
         zy_runs = grown;
         zy_cap_runs = cap;
     }
+    int pidfd = -1;
+    size_t watched = 0;
+    for (size_t i = 0; i < zy_n_runs; i++) watched += zy_runs[i].pidfd >= 0;
+    if (watched < ZY_MAX_PIDFDS) pidfd = (int)syscall(SYS_pidfd_open, pid, 0); /* cloexec */
     zy_runs[zy_n_runs].pid = pid;
+    zy_runs[zy_n_runs].pidfd = pidfd < 0 ? -1 : pidfd;
     zy_runs[zy_n_runs].stack = stack;
     zy_n_runs++;
     return 0;
+}
+
+/* Until a request is there (or the host's end): 0; -errno. The runs' inits that end
+   meanwhile are reaped as they end (their pidfds), so that no zombie waits for the next
+   request. */
+static int zy_wait(int control) {
+    for (;;) {
+        zy_reap();
+        size_t n = 1 + zy_n_runs;
+        if (n > zy_cap_polled) {
+            struct pollfd *grown = realloc(zy_polled, 2 * n * sizeof *grown);
+            if (grown == NULL) return 0; /* (recvmsg waits; the rest at the next request) */
+            zy_polled = grown;
+            zy_cap_polled = 2 * n;
+        }
+        zy_polled[0].fd = control;
+        zy_polled[0].events = POLLIN;
+        for (size_t i = 0; i < zy_n_runs; i++) {
+            zy_polled[1 + i].fd = zy_runs[i].pidfd; /* (-1: ignored by poll) */
+            zy_polled[1 + i].events = POLLIN;
+        }
+        if (poll(zy_polled, n, -1) < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (zy_polled[0].revents) return 0;
+    }
 }
 
 /* A request: "key=value" lines, a blank line, the BPF program; the fds by index. */
@@ -600,7 +645,8 @@ long zy_serve(int control, void (*before)(void), void (*parent)(void), void (*ch
     snprintf(uid_map, sizeof uid_map, "%d %d 1", uid, uid);
     snprintf(gid_map, sizeof gid_map, "%d %d 1", gid, gid);
     for (;;) {
-        zy_reap();
+        int waited = zy_wait(control);
+        if (waited < 0) return waited;
         struct iovec iov = {data, ZY_MAX_MESSAGE};
         struct msghdr msg;
         memset(&msg, 0, sizeof msg);
