@@ -121,6 +121,32 @@ async def test_nothing_of_an_earlier_run_is_visible(sandbox: Harness) -> None:
         assert "LEFT" not in view["environ"]
 
 
+GETCPU = """
+import ctypes, os
+libc = ctypes.CDLL(None)
+seen = []
+for cpu in sorted(os.sched_getaffinity(0)) * 2:
+    os.sched_setaffinity(0, {cpu})
+    seen.append([cpu, libc.sched_getcpu()])
+print(seen)
+"""
+
+
+@pytest.mark.parametrize("pooled", MODES)
+@pytest.mark.timeout(60)
+async def test_sched_getcpu_says_the_cpu_the_program_is_on(sandbox: Harness, pooled: bool) -> None:
+    """glibc reads the CPU from the thread's rseq area, which the kernel keeps up to date
+    once the area is registered. A fork of the zygote registers its own copy (the kernel
+    dropped the zygote's registration for it); else sched_getcpu() says, ever after, the
+    CPU the zygote was on when it forked."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: nothing to tell apart")
+    ran = await run_driver(sandbox, GETCPU, pooled=pooled)
+    assert ran.outcome.exit_code == 0, ran.stderr
+    seen = json.loads(ran.stdout)
+    assert len(seen) >= 4 and all(cpu == got for cpu, got in seen), seen
+
+
 @pytest.mark.parametrize("pooled", MODES)
 @pytest.mark.timeout(60)
 async def test_driver_runs_hello_with_result_and_stdin(sandbox: Harness, pooled: bool) -> None:

@@ -49,6 +49,12 @@
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#if defined(__has_include)
+#if __has_include(<sys/rseq.h>)
+#include <sys/rseq.h> /* glibc 2.35+, which registers every thread for rseq */
+#define ZY_RSEQ 1
+#endif
+#endif
 
 #define ZY_STACK (256 * 1024)
 #define ZY_MAX_RLIMITS 16
@@ -69,6 +75,9 @@
 #endif
 #ifndef SYS_pidfd_open
 #define SYS_pidfd_open 434
+#endif
+#ifndef SYS_rseq
+#define SYS_rseq 334
 #endif
 
 struct zy_request {
@@ -237,8 +246,30 @@ static void h_loopback_up(void) {
     close(s);
 }
 
+static void h_rseq(void) {
+#ifdef ZY_RSEQ
+    /* glibc registered the zygote's thread for restartable sequences (sched_getcpu()
+       reads the CPU from that area). The kernel drops the registration for a CLONE_VM
+       clone (G) and so for G's fork (H), whose glibc still reads its copy of the area:
+       the CPU of the moment of the fork, ever after. Register H's copy, as glibc does at
+       any process's start (32: the original size, which every kernel takes). */
+    if (__rseq_size == 0) return; /* glibc did not register (disabled, or no kernel support) */
+    char *tp;
+#if defined(__x86_64__)
+    __asm__("mov %%fs:0, %0" : "=r"(tp)); /* the thread pointer (the TCB's own address) */
+#else
+    __asm__("mrs %0, tpidr_el0" : "=r"(tp));
+#endif
+    char *area = tp + __rseq_offset;
+    unsigned int size = __rseq_size > 32 ? __rseq_size : 32;
+    if (syscall(SYS_rseq, area, size, 0, RSEQ_SIG) != 0)
+        (void)syscall(SYS_rseq, area, 32, 0, RSEQ_SIG);
+#endif
+}
+
 static void h_setup(struct zy_request *req) {
     close(req->sync[1]);
+    h_rseq();
     /* G cannot map the namespace's ids: it shares the zygote's memory, which is not
        dumpable, so its /proc files are not its own. H's copy is made dumpable (as any
        process is; nothing else of the run exists yet) and writes them for both. */
