@@ -334,6 +334,23 @@ async def test_a_request_the_zygote_cannot_take_makes_no_run(sandbox: Harness) -
 
 
 @pytest.mark.timeout(60)
+async def test_what_the_forks_of_one_zygote_share_and_cold_runs_do_not(
+    sandbox: Harness,
+) -> None:
+    """docs/security.md: a fork is a copy of the zygote, not a new start, so the forks of
+    one zygote share what an interpreter fixes when it starts (the hash secret, the
+    address layout); a cold run gets fresh ones each time."""
+    probe = "import sys; print(hash('abc'), id(sys))"
+    seen = {}
+    for pooled in (True, True, False, False):
+        ran = await run_driver(sandbox, probe, pooled=pooled)
+        assert ran.outcome.exit_code == 0, ran.stderr
+        seen.setdefault(pooled, []).append(ran.stdout.split())
+    assert seen[True][0] == seen[True][1]
+    assert seen[False][0][0] != seen[False][1][0]  # (the same by chance: 1 in 2**64)
+
+
+@pytest.mark.timeout(60)
 async def test_a_forked_runs_workspace_is_its_own_and_capped(sandbox: Harness) -> None:
     spec = driver_spec(sandbox, marker=os.urandom(6).hex(), disk_mb=64)
     work = await pooled_workspace(sandbox, spec)
