@@ -50,14 +50,10 @@ def zygote_made(harness: Harness) -> int:
 
 def the_zygote(harness: Harness) -> int:
     """Host pid of the (one) zygote process: bwrap's init's child."""
-    zygotes = harness.backend._zygotes
-    assert zygotes is not None
-    (zygote,) = zygotes._zygotes.values()
-    assert zygote.box.init is not None
-    init = zygote.box.init.pid
-    with open(f"/proc/{init}/task/{init}/children") as f:
-        (pid,) = f.read().split()
-    return int(pid)
+    init = the_zygote_record(harness).box.init
+    assert init is not None
+    (pid,) = children(init.pid)
+    return pid
 
 
 @pytest.mark.timeout(60)

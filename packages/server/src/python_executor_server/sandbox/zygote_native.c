@@ -10,11 +10,11 @@
  * rlimits, reports (its credentials tell the host its pid) and forks H while the zygote
  * waits inside zy_spawn: H is a copy of an interpreter stopped at a known point. Each of G
  * and H joins the run's cgroup itself (writing "0" to the cgroup.procs files the host
- * opened and passed). H does the run's setup (the namespace's uid and gid maps, its
- * cgroup, mounts, hostname, loopback, a cgroup namespace, a new session, every capability
- * dropped, no_new_privs, the seccomp filter), then jumps back into zy_spawn's frame, which
- * returns
- * 0 to Python: H goes on as if the zygote's call had returned there, as fork() returns 0.
+ * opened and passed). H does the run's setup (its rseq area registered again, the
+ * namespace's uid and gid maps, its cgroup, mounts, hostname, loopback, a cgroup
+ * namespace, a new session, every capability dropped, no_new_privs, the seccomp filter),
+ * then jumps back into zy_spawn's frame, which returns 0 to Python (zy_serve then puts
+ * its fds in place): H goes on as if the zygote's call had returned there, as fork() returns 0.
  * G lets the zygote go on, joins the cgroup, closes every fd but the status pipe, drops its
  * capabilities and reaps until H ends; then it kills and reaps what is left and writes H's status.
  *
@@ -143,23 +143,37 @@ static size_t raw_strlen(const char *s) {
     return n;
 }
 
-static void raw_say(const char *what, long err) {
-    char line[200];
+/* "zygote: WHAT" or "zygote: WHAT: DETAIL" on stderr, with raw calls only (G says it
+   too). */
+static void zy_say(const char *what, const char *detail) {
+    char line[300];
     size_t n = 0;
-    const char *prefix = "zygote: ";
-    for (const char *p = prefix; *p && n < sizeof line - 40; p++) line[n++] = *p;
-    for (const char *p = what; *p && n < sizeof line - 40; p++) line[n++] = *p;
-    if (err < 0) {
-        char digits[24];
-        int d = 0;
-        unsigned long v = (unsigned long)-err;
-        const char *mid = ": errno ";
-        for (const char *p = mid; *p; p++) line[n++] = *p;
-        do digits[d++] = (char)('0' + v % 10), v /= 10; while (v && d < 20);
-        while (d) line[n++] = digits[--d];
+    for (const char *p = "zygote: "; *p; p++) line[n++] = *p;
+    for (const char *p = what; *p && n < sizeof line - 100; p++) line[n++] = *p;
+    if (detail != NULL) {
+        line[n++] = ':';
+        line[n++] = ' ';
+        for (const char *p = detail; *p && n < sizeof line - 2; p++) line[n++] = *p;
     }
     line[n++] = '\n';
     RAW(SYS_write, 2, line, n);
+}
+
+/* WHAT, with "errno N" when ``err`` is one (< 0). */
+static void raw_say(const char *what, long err) {
+    if (err >= 0) {
+        zy_say(what, NULL);
+        return;
+    }
+    char detail[32], digits[24];
+    size_t n = 0;
+    int d = 0;
+    for (const char *p = "errno "; *p; p++) detail[n++] = *p;
+    unsigned long v = (unsigned long)-err;
+    do digits[d++] = (char)('0' + v % 10), v /= 10; while (v && d < 20);
+    while (d) detail[n++] = digits[--d];
+    detail[n] = 0;
+    zy_say(what, detail);
 }
 
 static void __attribute__((noreturn)) raw_exit(int code) {
@@ -439,20 +453,6 @@ static struct zy_run *zy_runs;
 static size_t zy_n_runs, zy_cap_runs;
 static struct pollfd *zy_polled;
 static size_t zy_cap_polled;
-
-static void zy_say(const char *what, const char *detail) {
-    char line[300];
-    size_t n = 0;
-    for (const char *p = "zygote: "; *p; p++) line[n++] = *p;
-    for (const char *p = what; *p && n < sizeof line - 100; p++) line[n++] = *p;
-    if (detail != NULL) {
-        line[n++] = ':';
-        line[n++] = ' ';
-        for (const char *p = detail; *p && n < sizeof line - 2; p++) line[n++] = *p;
-    }
-    line[n++] = '\n';
-    (void)!write(2, line, n);
-}
 
 /* Reap every run's init that has ended; unmap its stack. */
 static void zy_reap(void) {
