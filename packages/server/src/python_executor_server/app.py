@@ -22,8 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__
 from .api import executions, system
 from .api.deps import Services
-from .api.errors import error_response
-from .api.eval_route import EvalRoute
+from .api.errors import error_response, internal_error_response
+from .api.eval_route import EVAL_PATH, EvalRoute, EvalShortcut
 from .errors import ExecutorError
 from .execution.interpreters import default_version
 from .execution.jobs import JobBuilder
@@ -56,10 +56,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(system.router)
     app.mount("/docs/static", StaticFiles(directory=_swagger_dir()), name="swagger-static")
     # POST /api/v1/eval is served in front of the router (the route stays for errors
-    # and the OpenAPI document), and its body is capped there.
-    app.add_middleware(
-        EvalRoute, path="/api/v1/eval", max_bytes=8 * settings.max_eval_code_bytes + 65536
-    )
+    # and the OpenAPI document), and its body is capped there ...
+    max_bytes = 8 * settings.max_eval_code_bytes + 65536
+    app.add_middleware(EvalRoute, path=EVAL_PATH, max_bytes=max_bytes)
+    # ... and in front of uvicorn's request cycle, by our HTTP protocol, where it can be
+    app.state.eval_shortcut = EvalShortcut(EVAL_PATH.encode(), max_bytes)
     _add_error_handlers(app)
     return app
 
@@ -123,5 +124,4 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", path=request.url.path)
-        return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)
+        return internal_error_response(exc, request.url.path)

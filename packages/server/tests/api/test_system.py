@@ -42,6 +42,7 @@ def test_openapi_documents_every_endpoint(client: httpx2.Client) -> None:
     ):
         assert path in paths, path
     assert "multipart/form-data" in paths["/api/v1/exec/sync"]["post"]["requestBody"]["content"]
+    assert "Server-Timing" in paths["/api/v1/eval"]["post"]["responses"]["200"]["headers"]
     assert client.get("/docs/doc.json").json() == doc
 
 

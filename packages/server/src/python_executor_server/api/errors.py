@@ -1,4 +1,5 @@
-"""The one mapping of an ``ExecutorError`` to its HTTP answer: ``{"error": ...}``."""
+"""The one mapping of an ``ExecutorError`` (and of an unexpected error) to its HTTP answer:
+``{"error": ...}``."""
 
 from __future__ import annotations
 
@@ -18,3 +19,9 @@ def error_response(exc: ExecutorError, path: str) -> JSONResponse:
     if exc.status_code >= 500 and not isinstance(exc, QueueFull):
         log.error("request failed", path=path, error=exc.message)
     return JSONResponse({"error": exc.message}, exc.status_code, headers=headers)
+
+
+def internal_error_response(exc: Exception, path: str) -> JSONResponse:
+    """An error nothing else answered (a bug): logged with its traceback, answered 500."""
+    log.exception("unhandled error", path=path, exc_info=exc)
+    return JSONResponse({"error": f"internal error: {type(exc).__name__}"}, 500)

@@ -22,16 +22,32 @@ Usage::
 from __future__ import annotations
 
 import json
+import time
+from dataclasses import dataclass
 
 from pydantic import ValidationError
 from python_executor_client.models import EvalRequest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import ExecutorError
+from .deps import Services
 from .errors import error_response
 from .executions import run_eval
+from .timing import BEGAN, server_timing
 
+EVAL_PATH = "/api/v1/eval"
 _JSON_HEADERS = [(b"content-type", b"application/json")]
+_OWN_HEADERS = (b"content-type", b"content-length")  # written by whoever sends the answer
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, other headers
+
+
+@dataclass(frozen=True)
+class EvalShortcut:
+    """What ``http_protocol.HttpProtocol`` needs to answer evals before uvicorn's request
+    cycle (``app.state.eval_shortcut``): the path, and the body cap it must stay under."""
+
+    path: bytes
+    max_bytes: int
 
 
 class BodyTooLarge(Exception):
@@ -48,6 +64,7 @@ class EvalRoute:
         if scope["type"] != "http" or scope["path"] != self.path:
             await self.app(scope, receive, send)
             return
+        began = scope.get(BEGAN) or time.perf_counter()
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -64,13 +81,8 @@ class EvalRoute:
         if request is None:  # FastAPI answers it (an error, another method, ...)
             await self.app(scope, _replay(body, receive), send)
             return
-        try:
-            result = await run_eval(scope["app"].state.services, request)
-        except ExecutorError as exc:
-            await error_response(exc, scope["path"])(scope, receive, send)
-            return
-        content = result.model_dump_json().encode()
-        await _send_json(send, 200, content)
+        status, content, extra = await answer(scope["app"].state.services, request, began)
+        await _send_json(send, status, content, extra)
 
     async def _body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
@@ -94,15 +106,38 @@ class EvalRoute:
 
 def _accepted(scope: Scope, headers: dict[bytes, bytes], body: bytes) -> EvalRequest | None:
     """The request, when this is a POST of JSON that ``EvalRequest`` accepts."""
-    if scope["method"] != "POST":
+    if scope["method"] != "POST" or not is_json(headers.get(b"content-type", b"")):
         return None
-    media = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
-    if media != b"application/json":
-        return None
+    return parsed(body)
+
+
+def is_json(content_type: bytes) -> bool:
+    """A Content-Type of JSON (what the fast way takes; the rest is FastAPI's)."""
+    return content_type.split(b";", 1)[0].strip().lower() == b"application/json"
+
+
+def parsed(body: bytes) -> EvalRequest | None:
+    """The body as an ``EvalRequest``, None when pydantic rejects it (FastAPI then answers,
+    so that a validation error has one wording)."""
     try:
         return EvalRequest.model_validate_json(body)
     except ValidationError:
         return None
+
+
+async def answer(services: Services, request: EvalRequest, began: float) -> Answer:
+    """The eval run, as status, JSON body and the headers beside Content-Type/-Length:
+    its ``ExecutionResult`` (with a ``Server-Timing`` header: ``server_timing``), or the
+    ``{"error"}`` answer of an ``ExecutorError``. ``began``: ``perf_counter()`` when the
+    request's first bytes were read."""
+    try:
+        result = await run_eval(services, request)
+    except ExecutorError as exc:
+        response = error_response(exc, EVAL_PATH)
+        extra = [(k, v) for k, v in response.raw_headers if k not in _OWN_HEADERS]
+        return response.status_code, bytes(response.body), extra
+    body = result.model_dump_json().encode()
+    return 200, body, [server_timing(began, result.started_at, result.finished_at)]
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -119,7 +154,9 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
-    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *(extra or ())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -35,6 +35,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Body or code over the configured maximum."},
     503: {"model": ErrorResponse, "description": "Queue full; retry after `Retry-After` s."},
 }
+_SERVER_TIMING_DOC = {
+    "description": "total;dur=<ms>, run;dur=<ms>: the request's time in the server "
+    "(first bytes read to answer written) and the run's (started_at to finished_at)",
+    "schema": {"type": "string"},
+}
 router = APIRouter(prefix="/api/v1", tags=["executions"], responses=_ERRORS)
 
 _MULTIPART_BODY = {
@@ -119,7 +124,12 @@ async def exec_async(request: Request) -> SubmitResponse:
     return SubmitResponse(execution_id=record.execution_id)
 
 
-@router.post("/eval", response_model=ExecutionResult, summary="Run code given as JSON")
+@router.post(
+    "/eval",
+    response_model=ExecutionResult,
+    summary="Run code given as JSON",
+    responses={200: {"headers": {"Server-Timing": _SERVER_TIMING_DOC}}},
+)
 async def eval_code(body: EvalRequest, request: Request) -> ExecutionResult:
     return await run_eval(services(request), body)
 

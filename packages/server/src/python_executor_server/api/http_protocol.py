@@ -28,6 +28,21 @@ and body sent one after the other leave together; a head whose body is not
 ready yet (a stream) leaves at the end of the pass, as good as at once. Writes
 over ``HOLD_MAX`` bytes are not held.
 
+**An eval answered before uvicorn's request cycle.** ``POST /api/v1/eval`` is the
+hot path: for each request uvicorn makes a request cycle (an ``asyncio.Event``, a
+task, the ASGI scope) and passes it through the app's middleware to ``EvalRoute``,
+and the answer back through two ASGI sends; 0.1-0.2 ms of a run's ~1 ms of server
+time, measured (docs/benchmarks.md). When the request can be nothing else but an
+eval (POST to the exact path, HTTP/1.1, JSON with a declared length under the cap
+and under uvicorn's read-pause mark, no ``Expect``, no upgrade, nothing pipelined
+before it) the protocol reads the body, validates it and runs the eval itself, and
+writes the answer in one write with uvicorn's default headers. A body pydantic
+rejects is handed to the app as if it had come the usual way (errors keep one
+source: the FastAPI route); keep-alive, pipelining behind it, graceful shutdown and
+the access log work as for any request. (So an ASGI middleware put in front of
+``create_app``'s app does not see those evals: the app sets ``eval_shortcut`` and
+``serve`` runs it bare; an embedder who wraps it deletes ``app.state.eval_shortcut``.)
+
 Transports without ``max_size`` or half-close (not asyncio's TCP selector
 transports) are left as they are.
 
@@ -39,9 +54,22 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from python_executor_client.models import EvalRequest
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
+from uvicorn.protocols.utils import get_client_addr
+
+from .deps import Services
+from .errors import internal_error_response
+from .eval_route import EvalShortcut, answer, is_json, parsed
+from .timing import BEGAN
 
 DEFAULT_READ = 256 * 1024  # asyncio's selector transport's max_size
 BIG_READ = 1024 * 1024
@@ -61,6 +89,141 @@ class HttpProtocol(HttpToolsProtocol):
             if wanted != size:
                 self.transport.max_size = wanted  # type: ignore[attr-defined]
         super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[BEGAN] = time.perf_counter()  # type: ignore[literal-required]
+
+    # --- an eval answered here (module doc) ----------------------------------------
+    def on_headers_complete(self) -> None:
+        services = self._eval_services()
+        if services is None:
+            super().on_headers_complete()
+            return
+        began = self.scope[BEGAN]  # type: ignore[literal-required]
+        keep_alive = self.parser.should_keep_alive()
+        self.cycle = _EvalCycle(services, self.url.decode("ascii"), began, keep_alive)  # type: ignore[assignment]
+        if self.access_log:
+            self.cycle.client = get_client_addr(self.scope)  # type: ignore[attr-defined]
+
+    def _eval_services(self) -> Services | None:
+        """The app's services, when this request is an eval this protocol answers."""
+        state = getattr(self.config.app, "state", None)
+        shortcut: EvalShortcut | None = getattr(state, "eval_shortcut", None)
+        if shortcut is None or self.url != shortcut.path:
+            return None
+        parser = self.parser
+        if (
+            parser.get_method() != b"POST"
+            or parser.get_http_version() != "1.1"
+            or parser.should_upgrade()
+            or self.expect_100_continue
+            or self.limit_concurrency is not None
+            or self.pipeline
+            or not (self.cycle is None or self.cycle.response_complete)
+        ):
+            return None
+        length = content_type = None
+        for name, value in self.headers:
+            if name == b"content-length":
+                length = value
+            elif name == b"content-type":
+                content_type = value
+            elif name == b"transfer-encoding":
+                return None
+        if length is None or not length.isdigit() or content_type is None:
+            return None
+        if int(length) > min(shortcut.max_bytes, HIGH_WATER_LIMIT) or not is_json(content_type):
+            return None
+        return getattr(state, "services", None)  # None until the app has started
+
+    def on_message_complete(self) -> None:
+        cycle = self.cycle
+        if not isinstance(cycle, _EvalCycle) or cycle.response_complete:
+            super().on_message_complete()
+            return
+        cycle.more_body = False
+        request = parsed(bytes(cycle.body))
+        if request is None:
+            self._to_app(cycle)
+            return
+        task = self.loop.create_task(self._answer_eval(cycle, request))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _to_app(self, cycle: _EvalCycle) -> None:
+        """The request to the app, the usual way, its body already read."""
+        scope = self.scope
+        scope["method"], scope["path"] = "POST", self.url.decode("ascii")
+        scope["raw_path"], scope["query_string"] = self.url, b""
+        app_cycle = RequestResponseCycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=False,
+            keep_alive=cycle.keep_alive,
+            on_response=self.on_response_complete,
+        )
+        app_cycle.body, app_cycle.more_body = cycle.body, False
+        app_cycle.message_event.set()
+        self.cycle = app_cycle
+        self._start_asgi_task(app_cycle, self.app)
+
+    async def _answer_eval(self, cycle: _EvalCycle, request: EvalRequest) -> None:
+        # (self.scope and self.url may be those of a request pipelined behind it by now)
+        try:
+            status, body, extra = await answer(cycle.services, request, cycle.began)
+        except Exception as exc:  # as the app's catch-all answers it
+            response = internal_error_response(exc, cycle.path)
+            status, body, extra = response.status_code, bytes(response.body), []
+        if cycle.disconnected or self.transport.is_closing():
+            return  # (the run is over and stored all the same)
+        head = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *_JSON, *extra):
+            head += [name, b": ", value, b"\r\n"]
+        head += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
+        if not cycle.keep_alive:  # the client asked, or the server is shutting down
+            head.append(b"connection: close\r\n")
+        head += [b"\r\n", body]
+        cycle.response_complete = True
+        self.transport.write_now(b"".join(head))  # type: ignore[attr-defined]
+        if self.access_log:
+            self.access_logger.info('%s - "POST %s HTTP/1.1" %d', cycle.client, cycle.path, status)
+        if not cycle.keep_alive:
+            self.transport.close()
+        self.on_response_complete()
+
+
+_JSON = ((b"content-type", b"application/json"),)
+
+
+class _NoEvent:
+    """An eval cycle's ``message_event``: nothing waits for its body (uvicorn sets it)."""
+
+    def set(self) -> None:
+        pass
+
+
+class _EvalCycle:
+    """The part of uvicorn's ``RequestResponseCycle`` that the protocol's callbacks use
+    (``on_body``, ``connection_lost``, ``shutdown``), for an eval answered here."""
+
+    def __init__(self, services: Services, path: str, began: float, keep_alive: bool) -> None:
+        self.services = services
+        self.path = path
+        self.began = began
+        self.keep_alive = keep_alive
+        self.body = bytearray()
+        self.more_body = True
+        self.response_complete = False
+        self.disconnected = False
+        self.message_event = _NoEvent()
+        self.client = ""
 
 
 _OWN = ("_transport", "_protocol", "_lingering", "_held")
@@ -87,6 +250,11 @@ class _Connection:
         else:
             self._held = bytes(data)
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def write_now(self, data: bytes) -> None:
+        """A whole response: written at once, after anything held."""
+        self._flush()
+        self._transport.write(data)
 
     def writelines(self, data: Any) -> None:
         self.write(b"".join(data))
