@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from .loadgen import ConnectionClosed, encode_request, read_response
+from .loadgen import ConnectionClosed, encode_request, read_response_head
 from .plan import Plan
 from .server import Server
 
@@ -34,6 +34,8 @@ class Call:
     ms: float
     status_code: int
     body: dict[str, Any] = field(default_factory=dict)
+    # the answer's Server-Timing metrics (ms by name), where it had them (a 200 eval)
+    server_timing: dict[str, float] = field(default_factory=dict)
 
     def ok_run(self, stdout: str) -> bool:
         return (
@@ -109,7 +111,7 @@ class JsonClient:
         started = time.perf_counter()
         try:
             self._sock.sendall(request)
-            while (answer := read_response(self._buffer)) is None:
+            while (answer := read_response_head(self._buffer)) is None:
                 data = self._sock.recv(1 << 16)
                 if not data:
                     raise ConnectionClosed("the server closed the connection")
@@ -118,7 +120,8 @@ class JsonClient:
             self.close()  # a fresh connection for the next call
             raise
         ms = (time.perf_counter() - started) * 1000
-        return Call(ms, answer[0], _decoded(answer[1]))
+        status, head, body = answer
+        return Call(ms, status, _decoded(body), server_timing(head))
 
     def close(self) -> None:
         if self._sock is not None:
@@ -130,6 +133,16 @@ class JsonClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def server_timing(head: bytes) -> dict[str, float]:
+    """The ``Server-Timing`` metrics of a response head (lower case): ``{name: ms}``."""
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name == b"server-timing":
+            metrics = (metric.strip().split(b";dur=", 1) for metric in value.split(b","))
+            return {m[0].decode(): float(m[1]) for m in metrics if len(m) == 2}
+    return {}
 
 
 def _decoded(data: bytes) -> dict[str, Any]:

@@ -141,6 +141,12 @@ def read_response(buffer: bytearray) -> tuple[int, bytes] | None:
     """``(status, body)`` of the complete response at the start of ``buffer`` (taken out
     of it), None while it is incomplete. ValueError: not a response with a length (the
     server's JSON answers all have one)."""
+    answer = read_response_head(buffer)
+    return None if answer is None else (answer[0], answer[2])
+
+
+def read_response_head(buffer: bytearray) -> tuple[int, bytes, bytes] | None:
+    """``read_response``, with the response's head (lower case) between status and body."""
     end = buffer.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -155,7 +161,7 @@ def read_response(buffer: bytearray) -> tuple[int, bytes] | None:
         return None
     body = bytes(buffer[end + 4 : total])
     del buffer[:total]
-    return int(head[9:12]), body
+    return int(head[9:12]), head, body
 
 
 def _record(load: Load, check: Check, answer: tuple[int, bytes], ms: float) -> None:

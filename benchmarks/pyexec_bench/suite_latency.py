@@ -75,6 +75,8 @@ def eval_rows(ctx: Context) -> list[Row]:
         calls, failures = _eval_calls(ctx, HELLO, ctx.plan.eval_requests)
     spans = [run_span_ms(c.body) or 0.0 for c in calls]
     overheads = [c.ms - span for c, span in zip(calls, spans, strict=True)]
+    # as the server measured it: first bytes read → answer written, minus the run
+    own = [c.server_timing["total"] - c.server_timing["run"] for c in calls if _timed(c)]
     cpu = [c.body.get("usage", {}).get("cpu_ms") or 0 for c in calls]
     span_note = f"run span (started_at→finished_at) p50 {percentile(spans, 50):.1f} ms"
     eval_row = Row(
@@ -97,9 +99,26 @@ def eval_rows(ctx: Context) -> list[Row]:
         "server overhead per eval",
         latency=summarize(overheads),
         baseline="health",
-        note="eval round trip minus its run span: HTTP, validation, queue, store writes",
+        note="eval round trip minus its run span, seen by the client: HTTP, validation, queue,"
+        " store writes, and loopback and this client's own wake-up",
     )
-    return [eval_row, overhead, _cpu_row(ctx, cpu_use, len(calls) + failures.count + WARMUP)]
+    rows = [eval_row, overhead]
+    if own:  # a server that sends Server-Timing
+        rows.append(
+            Row(
+                "server_overhead",
+                "server overhead per eval, in the server",
+                latency=summarize(own),
+                baseline="overhead",
+                note="Server-Timing total minus run: from the request's first bytes read to its"
+                " answer about to be written, minus the run span",
+            )
+        )
+    return [*rows, _cpu_row(ctx, cpu_use, len(calls) + failures.count + WARMUP)]
+
+
+def _timed(call: Call) -> bool:
+    return "total" in call.server_timing and "run" in call.server_timing
 
 
 def _cpu_row(ctx: Context, use: CpuWatch, runs: int) -> Row:

@@ -76,11 +76,16 @@ def _cold_target(rows: Sequence[Row], key: str) -> Target:
 
 
 def _overhead_target(rows: Sequence[Row]) -> Target:
+    """Judged on the server's own measurement (Server-Timing); the client's view, which
+    adds loopback and the client's wake-up on the same two cores, is shown beside it."""
     name, limit = "server overhead per request (p50)", f"≤ {OVERHEAD_MS:g} ms"
-    row = find(rows, "overhead")
-    if row is None or row.latency is None:
+    own, seen = find(rows, "server_overhead"), find(rows, "overhead")
+    if own is None or own.latency is None:
         return _missing(name, limit)
-    return Target(name, fmt_ms(row.latency.p50), limit, row.latency.p50 <= OVERHEAD_MS)
+    measured = f"{fmt_ms(own.latency.p50)} in the server"
+    if seen is not None and seen.latency is not None:
+        measured += f" ({fmt_ms(seen.latency.p50)} seen by the client)"
+    return Target(name, measured, limit, own.latency.p50 <= OVERHEAD_MS)
 
 
 def _idle_target(rows: Sequence[Row]) -> Target:

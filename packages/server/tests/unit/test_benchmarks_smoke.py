@@ -85,6 +85,20 @@ def test_targets(bench: ModuleType) -> None:
     assert "not measured" in bench.targets_table(list(found.values()))
 
 
+def test_the_overhead_target_is_judged_in_the_server_and_shows_the_client_view(
+    bench: ModuleType,
+) -> None:
+    row, name = bench.Row, "server overhead per request (p50)"
+    seen = row("overhead", "overhead", latency=bench.summarize([1.4, 1.5, 1.6]))
+    own = row("server_overhead", "in the server", latency=bench.summarize([0.7, 0.8, 0.9]))
+    found = {t.name: t for t in bench.check_targets([seen, own])}[name]
+    assert found.ok is True
+    assert found.measured == "0.80 ms in the server (1.50 ms seen by the client)"
+    slow = row("server_overhead", "in the server", latency=bench.summarize([1.1, 1.2]))
+    assert {t.name: t for t in bench.check_targets([seen, slow])}[name].ok is False
+    assert {t.name: t for t in bench.check_targets([seen])}[name].ok is None
+
+
 def test_only_accepts_known_scenarios(bench: ModuleType) -> None:
     assert bench.parse_args(["--only", "eval,throughput", "--quick"]).only == [
         {"eval", "throughput"}
@@ -109,6 +123,13 @@ def test_loadgen_reads_a_response_only_once_it_is_complete(loadgen: ModuleType) 
     buffer += second[20:]
     assert loadgen.read_response(buffer) == (503, b"busy")
     assert buffer == b""
+
+
+def test_server_timing_is_read_from_a_response_head(bench: ModuleType) -> None:
+    calls = sys.modules["pyexec_bench.calls"]
+    head = b"http/1.1 200 ok\r\nserver-timing: total;dur=5.912, run;dur=4.903\r\nx: y"
+    assert calls.server_timing(head) == {"total": 5.912, "run": 4.903}
+    assert calls.server_timing(b"http/1.1 200 ok\r\ncontent-length: 2") == {}
 
 
 class _Answers(http.server.BaseHTTPRequestHandler):
