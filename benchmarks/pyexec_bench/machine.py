@@ -18,6 +18,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
+_GIT_STATUS = ["git", "-C", str(REPO), "status", "--porcelain", "--", "."]
+
+
 def machine_info() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
@@ -27,7 +30,8 @@ def machine_info() -> dict[str, Any]:
         "os": _os_name(),
         "bwrap": _first_line([shutil.which("bwrap") or "bwrap", "--version"]),
         "git_commit": _first_line(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]),
-        "git_dirty": bool(_output(["git", "-C", str(REPO), "status", "--porcelain"])),
+        # Results of earlier runs (benchmarks/results/) do not make the code dirty.
+        "git_dirty": bool(_output([*_GIT_STATUS, ":(exclude)benchmarks/results"])),
         "server_source_sha256": server_source_digest(),
     }
 
