@@ -60,7 +60,7 @@ def create_app(settings: Settings) -> FastAPI:
     max_bytes = 8 * settings.max_eval_code_bytes + 65536
     app.add_middleware(EvalRoute, path=EVAL_PATH, max_bytes=max_bytes)
     # ... and in front of uvicorn's request cycle, by our HTTP protocol, where it can be
-    app.state.eval_shortcut = EvalShortcut(EVAL_PATH.encode(), max_bytes)
+    app.state.eval_shortcut = EvalShortcut(EVAL_PATH.encode(), max_bytes, len(app.user_middleware))
     _add_error_handlers(app)
     return app
 

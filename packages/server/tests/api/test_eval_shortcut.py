@@ -4,18 +4,20 @@ behaves as one on the app's way (pipelining, keep-alive, HTTP/1.0, ``Expect``, a
 client that leaves, a body pydantic rejects).
 
 The app and uvicorn run in this process on a thread, as ``serve`` runs them, with a
-real sandbox; an outermost ASGI middleware counts the requests that reach the app.
+real sandbox; an ASGI app put in front of the app's own stack counts the requests that
+reach the app. A middleware an embedder adds sees every eval (the last test).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,11 @@ from typing import Any
 import httpx2
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from python_executor_server.api.http_protocol import HttpProtocol
 from python_executor_server.app import create_app
 from python_executor_server.settings import Settings
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 pytestmark = [pytest.mark.sandbox, pytest.mark.timeout(180)]
 
@@ -47,16 +50,17 @@ class Seen:
         await self.app(scope, receive, send)
 
 
-@pytest.fixture(scope="module")
-def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+@contextlib.contextmanager
+def _serving(data: Path, prepare: Callable[[FastAPI], None]) -> Iterator[int]:
+    """The app ``create_app`` makes, given to ``prepare``, served as ``serve`` serves it
+    (uvicorn with our protocol) on a thread; yields its port."""
     tag = uuid.uuid4().hex[:8]
-    data = tmp_path_factory.mktemp("shortcut") / "data"
     run_dir = Path(f"/run/pyexec-test-{tag}") if os.geteuid() == 0 else data / "runs"
     settings = Settings(
         data_dir=data, run_dir=run_dir, cgroup_root=f"pyexec-test-{tag}", log_level="warning"
     )
     app = create_app(settings)
-    app.add_middleware(Seen)
+    prepare(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, http=HttpProtocol, log_level="warning")
@@ -73,6 +77,18 @@ def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive(), "the server did not stop"
+
+
+def _count_requests(app: FastAPI) -> None:
+    """``Seen`` in front of the app's own stack, without adding a middleware to it (one
+    added would make every eval go through the app: see the last test)."""
+    app.middleware_stack = Seen(app.build_middleware_stack())
+
+
+@pytest.fixture(scope="module")
+def port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    with _serving(tmp_path_factory.mktemp("shortcut") / "data", _count_requests) as port:
+        yield port
 
 
 def _request(body: bytes = HELLO, *, head: str = "", version: str = "1.1") -> bytes:
@@ -208,3 +224,31 @@ def test_a_client_that_leaves_mid_run_leaves_a_finished_execution(port: int) -> 
             assert time.monotonic() < deadline, f"not finished: {listed}"
             time.sleep(0.1)
         assert client.post("/api/v1/eval", json={"code": "print(1)"}).json()["stdout"] == "1\n"
+
+
+class Stamp:
+    """An embedder's middleware: a header on every answer it passes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def stamped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-embedder", b"seen")]
+            await send(message)
+
+        await self.app(scope, receive, stamped)
+
+
+def test_a_middleware_added_to_the_app_sees_every_eval(tmp_path: Path) -> None:
+    """Fails when the protocol answers an eval past a middleware added after create_app
+    (an embedder's authentication would be passed by)."""
+    with (
+        _serving(tmp_path / "data", lambda app: app.add_middleware(Stamp)) as port,
+        httpx2.Client(base_url=f"http://127.0.0.1:{port}") as client,
+    ):
+        for _ in range(2):
+            response = client.post("/api/v1/eval", json={"code": "print('hello')"})
+            assert response.json()["stdout"] == "hello\n"
+            assert response.headers.get("x-embedder") == "seen"

@@ -44,10 +44,14 @@ Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, othe
 @dataclass(frozen=True)
 class EvalShortcut:
     """What ``http_protocol.HttpProtocol`` needs to answer evals before uvicorn's request
-    cycle (``app.state.eval_shortcut``): the path, and the body cap it must stay under."""
+    cycle (``app.state.eval_shortcut``): the path, the body cap it must stay under, and
+    how many middleware the app had when it was made (``app.user_middleware``): one
+    added since (an embedder's: authentication, logging, ...) must see every request,
+    so the protocol then leaves evals to the app."""
 
     path: bytes
     max_bytes: int
+    middleware: int
 
 
 class BodyTooLarge(Exception):

@@ -39,9 +39,10 @@ before it) the protocol reads the body, validates it and runs the eval itself, a
 writes the answer in one write with uvicorn's default headers. A body pydantic
 rejects is handed to the app as if it had come the usual way (errors keep one
 source: the FastAPI route); keep-alive, pipelining behind it, graceful shutdown and
-the access log work as for any request. (So an ASGI middleware put in front of
-``create_app``'s app does not see those evals: the app sets ``eval_shortcut`` and
-``serve`` runs it bare; an embedder who wraps it deletes ``app.state.eval_shortcut``.)
+the access log work as for any request. Only the app ``create_app`` made, as it made
+it, is answered this way (``app.state.eval_shortcut``): once a middleware has been
+added to it (``app.add_middleware``), or when uvicorn runs another app (one that wraps
+or mounts it), every eval goes through the app, so that no middleware is passed by.
 
 Transports without ``max_size`` or half-close (not asyncio's TCP selector
 transports) are left as they are.
@@ -108,9 +109,14 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _eval_services(self) -> Services | None:
         """The app's services, when this request is an eval this protocol answers."""
-        state = getattr(self.config.app, "state", None)
+        app = self.config.app
+        state = getattr(app, "state", None)
         shortcut: EvalShortcut | None = getattr(state, "eval_shortcut", None)
-        if shortcut is None or self.url != shortcut.path:
+        if (
+            shortcut is None
+            or self.url != shortcut.path
+            or len(getattr(app, "user_middleware", ())) != shortcut.middleware
+        ):
             return None
         parser = self.parser
         if (
