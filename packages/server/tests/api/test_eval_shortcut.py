@@ -28,6 +28,7 @@ import uvicorn
 from fastapi import FastAPI
 from python_executor_server.api.http_protocol import HttpProtocol
 from python_executor_server.app import create_app
+from python_executor_server.sandbox.mounts import remove_tree
 from python_executor_server.settings import Settings
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -77,6 +78,7 @@ def _serving(data: Path, prepare: Callable[[FastAPI], None]) -> Iterator[int]:
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive(), "the server did not stop"
+        remove_tree(run_dir)  # (its run dir's skeleton: the server removes what is in it)
 
 
 def _count_requests(app: FastAPI) -> None:
